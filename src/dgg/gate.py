@@ -1,0 +1,160 @@
+"""The gradient gate: the online z-score test of Eq. 8 (paper §5, Algorithm 1, Appendix G.2).
+
+Pure Python on purpose: it sees one float per update, so it has no framework dependency and can sit in any
+training loop (TRL, verl, a hand-written one).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+HISTORY_MODES = ("all", "reuse")
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """What the gate concluded about one update attempt.
+
+    energy: g_t = ‖G_lm‖²_F as observed.
+    delta: Δg_t = g_t − g_prev (g_prev: the last *accepted* energy); None on the very first observation.
+    z: z_t = (Δg_t − μ_t) / (σ_t + ε) of Eq. 8; None while fewer than 2 increments are held.
+    ready: the window of increments was full, so the test was allowed to fire.
+    discard: drop this update's gradient before the optimizer and end reuse of the batch.
+    reason: why it was discarded ("zscore" or "non_finite"), None when accepted.
+    """
+
+    energy: float
+    delta: float | None
+    z: float | None
+    ready: bool
+    discard: bool
+    reason: str | None
+
+
+def _mean_and_sample_std(values: deque[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = math.fsum(values) / n
+    variance = math.fsum((v - mean) ** 2 for v in values) / (n - 1)  # ddof = 1
+    return mean, math.sqrt(variance)
+
+
+class GradientGate:
+    """Decides, per update, whether a reuse step's gradient may reach the optimizer.
+
+    Args:
+        tau: the anomaly threshold τ of Eq. 8; a reuse step (k > 1) with z_t > τ is discarded.
+            The paper picks τ from {0.1, 0.5, 1.0}. ``float('inf')`` never discards a finite step.
+        window: W, how many past accepted increments Δg form μ_t and σ_t (paper: 20). Gating starts
+            once the window is full.
+        eps: ε in the denominator of Eq. 8 (paper: 1e-8).
+        history: which accepted increments enter the window. ``"all"`` (default, the paper's rule):
+            every one. ``"reuse"``: only those observed at k > 1, so the routine jump in energy at each
+            fresh batch does not widen σ. g_prev advances on every accepted observation either way.
+    """
+
+    def __init__(self, tau: float = 0.5, window: int = 20, eps: float = 1e-8, history: str = "all"):
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or tau == -math.inf:
+            raise ValueError(f"tau must be a real number or +inf (got {tau!r})")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+            raise ValueError(f"window must be an integer >= 2 (got {window!r})")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a finite number > 0 (got {eps!r})")
+        if history not in HISTORY_MODES:
+            raise ValueError(f"history must be one of {HISTORY_MODES} (got {history!r})")
+        self.tau = float(tau)
+        self.window = window
+        self.eps = float(eps)
+        self.history = history
+        self._increments: deque[float] = deque(maxlen=window)
+        self._last_accepted_energy: float | None = None
+        self.observations = 0
+        self.discards = 0
+        self.discards_by_reason: dict[str, int] = {}
+
+    @property
+    def ready(self) -> bool:
+        """The window is full, so the z-test may fire."""
+        return len(self._increments) == self.window
+
+    def observe(self, energy: float, reuse_index: int) -> GateDecision:
+        """Test one update's lm_head gradient energy; call once per update attempt, before the optimizer.
+
+        Args:
+            energy: g_t = ‖G_lm‖²_F of this update (a float or a 0-dim tensor).
+            reuse_index: k of Algorithm 1, 1-based: 1 is the first update on a fresh rollout batch.
+        """
+        if isinstance(reuse_index, bool) or not isinstance(reuse_index, int) or reuse_index < 1:
+            raise ValueError(f"reuse_index must be an integer >= 1 (got {reuse_index!r})")
+        energy = float(energy)
+        self.observations += 1
+
+        if not math.isfinite(energy):
+            return self._discard(GateDecision(energy, None, None, self.ready, True, "non_finite"))
+
+        if self._last_accepted_energy is None:  # the first observation only sets g_prev
+            self._last_accepted_energy = energy
+            return GateDecision(energy, None, None, self.ready, False, None)
+
+        delta = energy - self._last_accepted_energy
+        z = None
+        if len(self._increments) >= 2:
+            mean, std = _mean_and_sample_std(self._increments)
+            z = (delta - mean) / (std + self.eps)
+        ready = self.ready
+        if ready and reuse_index > 1 and z is not None and z > self.tau:
+            return self._discard(GateDecision(energy, delta, z, ready, True, "zscore"))
+
+        # Accepted: Algorithm 1 line 11, the statistics move only with applied updates.
+        self._last_accepted_energy = energy
+        if self.history == "all" or reuse_index > 1:
+            self._increments.append(delta)
+        return GateDecision(energy, delta, z, ready, False, None)
+
+    def _discard(self, decision: GateDecision) -> GateDecision:
+        self.discards += 1
+        self.discards_by_reason[decision.reason] = self.discards_by_reason.get(decision.reason, 0) + 1
+        return decision
+
+    def counters(self) -> dict[str, int]:
+        """Flat counters for a logger: ``gate/observations``, ``gate/discards``, ``gate/discards_<reason>``."""
+        out = {"gate/observations": self.observations, "gate/discards": self.discards}
+        out.update({f"gate/discards_{r}": n for r, n in sorted(self.discards_by_reason.items())})
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable snapshot (settings included) from which decisions continue identically."""
+        return {
+            "tau": self.tau if math.isfinite(self.tau) else str(self.tau),
+            "window": self.window,
+            "eps": self.eps,
+            "history": self.history,
+            "increments": list(self._increments),
+            "last_accepted_energy": self._last_accepted_energy,
+            "observations": self.observations,
+            "discards": self.discards,
+            "discards_by_reason": dict(self.discards_by_reason),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a snapshot from :meth:`state_dict`, settings included."""
+        missing = {"tau", "window", "eps", "history", "increments", "last_accepted_energy"} - set(state)
+        if missing:
+            raise ValueError(f"gate state is missing fields {sorted(missing)}")
+        restored = GradientGate(float(state["tau"]), int(state["window"]), float(state["eps"]), state["history"])
+        increments = [float(v) for v in state["increments"]]
+        if len(increments) > restored.window:
+            raise ValueError(f"gate state holds {len(increments)} increments, more than window={restored.window}")
+        self.tau, self.window, self.eps, self.history = restored.tau, restored.window, restored.eps, restored.history
+        self._increments = deque(increments, maxlen=self.window)
+        last = state["last_accepted_energy"]
+        self._last_accepted_energy = None if last is None else float(last)
+        self.observations = int(state.get("observations", 0))
+        self.discards = int(state.get("discards", 0))
+        self.discards_by_reason = {str(k): int(v) for k, v in state.get("discards_by_reason", {}).items()}
+
+    def __repr__(self) -> str:
+        return (f"GradientGate(tau={self.tau}, window={self.window}, eps={self.eps}, history={self.history!r}, "
+                f"held={len(self._increments)}, discards={self.discards}/{self.observations})")
