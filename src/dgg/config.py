@@ -1,0 +1,340 @@
+"""Typed configuration of a training run, loaded from YAML plus dotted ``key=value`` overrides.
+
+Every field has a docstring; every bad value raises ``ConfigError`` naming the field and what is allowed.
+The dotted names (``reuse.mode``, ``optim.lr``, ...) are stable: benchmarks and reports rely on them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dgg.gate import HISTORY_MODES
+from dgg.tasks import TaskConfig
+
+REUSE_MODES = ("single", "fixed", "dgg")
+
+
+class ConfigError(ValueError):
+    """A configuration value or file that cannot be used; the message names the field."""
+
+
+def _check(condition: bool, name: str, allowed: str, value: Any) -> None:
+    if not condition:
+        raise ConfigError(f"{name} must be {allowed} (got {value!r})")
+
+
+@dataclass
+class ModelConfig:
+    path: str = "default"
+    """A local Hugging Face causal-LM directory, a hub name, or ``default`` for the embedded tiny model."""
+    dtype: str = "float32"
+    """Parameter dtype: float32, bfloat16 or float16."""
+    device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+
+    def __post_init__(self):
+        _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16",
+               self.dtype)
+        _check(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"), "model.device",
+               "auto, cpu, cuda or cuda:N", self.device)
+
+
+@dataclass
+class RolloutConfig:
+    prompts_per_batch: int = 32
+    """Prompts per rollout batch (the paper's prompt batch size)."""
+    group_size: int = 8
+    """G, completions sampled per prompt for the group-normalised advantage."""
+    max_new_tokens: int = 6
+    """Longest completion, in tokens; sampling stops earlier at EOS."""
+    temperature: float = 1.0
+    """Sampling temperature; log-probs for the importance ratio use the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0 = off)."""
+
+    def __post_init__(self):
+        _check(self.prompts_per_batch >= 1, "rollout.prompts_per_batch", "an integer >= 1", self.prompts_per_batch)
+        _check(self.group_size >= 2, "rollout.group_size", "an integer >= 2 (GRPO compares within a group)",
+               self.group_size)
+        _check(self.max_new_tokens >= 1, "rollout.max_new_tokens", "an integer >= 1", self.max_new_tokens)
+        _check(self.temperature > 0 and math.isfinite(self.temperature), "rollout.temperature", "> 0",
+               self.temperature)
+        _check(0 < self.top_p <= 1, "rollout.top_p", "in (0, 1]", self.top_p)
+
+
+@dataclass
+class LossConfig:
+    clip_eps: float = 0.2
+    """ε_c of Eq. 1: the ratio is clipped to [1 − clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: float | None = None
+    """Upper clip (DAPO's clip-higher); None uses clip_eps."""
+    scale_advantages: bool = True
+    """Divide advantages by the group's std (GRPO); False centres only (Dr. GRPO)."""
+    kl_coef: float = 0.0
+    """Weight of the k3 KL to the initial (reference) model; 0 as in the paper's math runs."""
+
+    def __post_init__(self):
+        _check(0 < self.clip_eps < 1, "loss.clip_eps", "in (0, 1)", self.clip_eps)
+        _check(self.clip_eps_high is None or self.clip_eps_high > 0, "loss.clip_eps_high", "> 0 or null",
+               self.clip_eps_high)
+        _check(self.kl_coef >= 0, "loss.kl_coef", ">= 0", self.kl_coef)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """AdamW learning rate (the paper uses 1e-6 on 4B–7B models; tiny models need far more)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW (β1, β2)."""
+    grad_clip: float | None = 1.0
+    """Global gradient-norm clip applied after the probe reads the unclipped energy; null disables."""
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        _check(self.lr > 0 and math.isfinite(self.lr), "optim.lr", "a finite number > 0", self.lr)
+        _check(self.weight_decay >= 0, "optim.weight_decay", ">= 0", self.weight_decay)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "optim.betas",
+               "two numbers in [0, 1)", self.betas)
+        _check(self.grad_clip is None or self.grad_clip > 0, "optim.grad_clip", "> 0 or null", self.grad_clip)
+
+
+@dataclass
+class ReuseConfig:
+    mode: str = "dgg"
+    """``single`` (each batch used once), ``fixed`` (always max_reuse updates) or ``dgg`` (up to max_reuse, gated)."""
+    max_reuse: int = 4
+    """K of Algorithm 1: the most update passes over one rollout batch (single mode forces 1)."""
+    tau: float = 0.5
+    """τ of Eq. 8: the anomaly threshold on the z-score of Δg (paper: 0.1, 0.5 or 1.0)."""
+    window: int = 20
+    """W: past accepted increments forming μ and σ (paper: 20)."""
+    history: str = "all"
+    """Which increments enter the window: ``all`` (paper) or ``reuse`` (only k > 1)."""
+    mini_batches: int = 1
+    """Optimizer steps per pass over the batch (1 = full-batch update, as in the paper's Algorithm 1)."""
+    tied: str = "output"
+    """For tied embeddings, which part of the shared gradient the probe measures: ``output`` or ``total``."""
+
+    def __post_init__(self):
+        _check(self.mode in REUSE_MODES, "reuse.mode", f"one of {REUSE_MODES}", self.mode)
+        _check(self.max_reuse >= 1, "reuse.max_reuse", "an integer >= 1", self.max_reuse)
+        _check(not math.isnan(self.tau), "reuse.tau", "a number (inf allowed)", self.tau)
+        _check(self.window >= 2, "reuse.window", "an integer >= 2", self.window)
+        _check(self.history in HISTORY_MODES, "reuse.history", f"one of {HISTORY_MODES}", self.history)
+        _check(self.mini_batches >= 1, "reuse.mini_batches", "an integer >= 1", self.mini_batches)
+        _check(self.tied in ("output", "total"), "reuse.tied", "output or total", self.tied)
+
+    @property
+    def passes(self) -> int:
+        """Update passes per batch: 1 for single-use, else max_reuse."""
+        return 1 if self.mode == "single" else self.max_reuse
+
+
+@dataclass
+class TrainConfig:
+    max_batches: int = 100
+    """Rollout batches to train on (each costs prompts_per_batch · group_size rollouts)."""
+    seed: int = 0
+    """Seeds sampling, data order and initialisation of anything random."""
+    micro_batch_size: int | None = None
+    """Rows per forward/backward (gradient accumulation); null = the whole (mini-)batch at once."""
+    checkpoint_every: int = 0
+    """Write a resumable checkpoint every N batches (0 = only at the end)."""
+    threads: int | None = None
+    """torch CPU threads (null: torch's default)."""
+
+    def __post_init__(self):
+        _check(self.max_batches >= 1, "train.max_batches", "an integer >= 1", self.max_batches)
+        _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size",
+               "an integer >= 1 or null", self.micro_batch_size)
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0", self.checkpoint_every)
+
+
+@dataclass
+class EvalConfig:
+    every: int = 10
+    """Evaluate every N batches (and before the first and after the last); 0 disables."""
+    problems: int = 64
+    """Held-out problems per evaluation."""
+    samples: int = 4
+    """k of mean@k: completions per problem (the paper reports mean@16)."""
+    temperature: float = 1.0
+    """Sampling temperature at evaluation."""
+
+    def __post_init__(self):
+        _check(self.every >= 0, "eval.every", "an integer >= 0", self.every)
+        _check(self.problems >= 1, "eval.problems", "an integer >= 1", self.problems)
+        _check(self.samples >= 1, "eval.samples", "an integer >= 1", self.samples)
+        _check(self.temperature > 0, "eval.temperature", "> 0", self.temperature)
+
+
+@dataclass
+class ProfileConfig:
+    weights_every: int = 10
+    """Δ of Fig. 1: log relative weight change per component every N applied updates (0 disables)."""
+    snapshot_on_cpu: bool = True
+    """Keep the one weight snapshot the profiler needs in CPU memory rather than on the accelerator."""
+
+
+@dataclass
+class OutputConfig:
+    dir: str = "runs/train"
+    """Run directory: config.yaml, metrics.jsonl, checkpoint/."""
+    tensorboard: bool = False
+    """Also write TensorBoard scalars (needs ``pip install dgg[tensorboard]``)."""
+    progress: bool = True
+    """Show a progress bar."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    reuse: ReuseConfig = field(default_factory=ReuseConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+# --- loading -------------------------------------------------------------------------------------------------
+
+def _coerce(value: Any, annotation: Any, name: str) -> Any:
+    """Convert a YAML value to the field's declared type, or raise naming the field."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, name)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if errors else f"{name}: bad value {value!r}")
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of its fields (got {value!r})")
+        return from_dict(annotation, value, prefix=f"{name}.")
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be true or false (got {value!r})")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{name} must be an integer (got {value!r})")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value.strip().lower() in ("inf", "+inf", ".inf", "infinity"):
+            return math.inf
+        raise ConfigError(f"{name} must be a number (got {value!r})")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{name} must be a string (got {value!r})")
+    if origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(_coerce(v, a, name) for v, a in zip(value, typing.get_args(annotation)))
+        raise ConfigError(f"{name} must be a list (got {value!r})")
+    if origin is dict or annotation is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise ConfigError(f"{name} must be a mapping (got {value!r})")
+    return value
+
+
+def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a nested dict; unknown keys are errors that list the known ones."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; known keys under "
+                          f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(known))}")
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:  # validation inside a nested config from another module
+        raise ConfigError(f"{prefix.rstrip('.')}: {err}") from err
+
+
+def to_dict(config: Any) -> dict:
+    """Plain nested dict (tuples as lists, inf as the string 'inf') for YAML/JSON."""
+    def clean(v):
+        if isinstance(v, float) and math.isinf(v):
+            return "inf" if v > 0 else "-inf"
+        if isinstance(v, tuple):
+            return [clean(x) for x in v]
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        return v
+    return clean(dataclasses.asdict(config))
+
+
+def apply_override(data: dict, assignment: str) -> None:
+    """Apply one ``dotted.key=value`` to a nested dict; the value is parsed as YAML (``1e-3``, ``true``, ``null``)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like section.key=value, e.g. reuse.mode=dgg")
+    key, raw = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {assignment!r} has an empty key part")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads "1e-3" as a string
+        value = float(value)
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {assignment!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "+inf", "-inf", "infinity")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config (or start from the defaults) and apply dotted overrides."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections (model, task, reuse, ...)")
+    for assignment in overrides:
+        apply_override(data, assignment)
+    return from_dict(Config, data)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))

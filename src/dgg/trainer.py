@@ -1,0 +1,507 @@
+"""The reference GRPO trainer with sample reuse: single-use, fixed-K and DGG (paper Algorithm 1).
+
+Read :meth:`GRPOTrainer.train`, :meth:`GRPOTrainer.reuse` and :meth:`GRPOTrainer.update` top to bottom:
+they are Algorithm 1's lines 1–12. Everything numeric lives in small modules: ``loss`` (Eq. 1),
+``rollout`` (sampling, log-probs), ``gate`` (Eq. 8), ``probe`` (g_t), ``profiler`` (Fig. 1).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dgg.config import Config, ConfigError, ModelConfig, load_config, save_config
+from dgg.gate import GateDecision, GradientGate
+from dgg.loss import clipped_surrogate_loss, group_advantages, reference_kl
+from dgg.probe import LMHeadGradProbe
+from dgg.profiler import WeightChangeProfiler
+from dgg.rollout import RolloutBatch, completion_logprobs, sample_rollouts, score_old_policy
+from dgg.tasks import Problem, make_task, safe_reward
+
+log = logging.getLogger("dgg.trainer")
+
+CHECKPOINT = "checkpoint"
+STATE_FILE = "trainer_state.pt"
+
+
+# --- model loading -------------------------------------------------------------------------------------------
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {name!r} but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def resolve_model_path(path: str) -> str:
+    """``default`` -> the embedded warm-started tiny model (built on first use); else the path as given."""
+    if path != "default":
+        return path
+    from dgg.warmstart import WarmstartConfig, warmstart
+
+    return str(warmstart(WarmstartConfig()))
+
+
+def load_policy(config: ModelConfig, weights_from: str | None = None):
+    """Load (model, tokenizer) from a local directory or hub name, with a message that names the field."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = weights_from or resolve_model_path(config.path)
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith((".", "/", "~")) or os.sep in path and path.count("/") != 1):
+        raise ConfigError(f"model.path {path!r} does not exist (expected a Hugging Face model directory, "
+                          "a hub name like Qwen/Qwen2.5-0.5B-Instruct, or 'default')")
+    if local.exists() and not (local / "config.json").is_file():
+        raise ConfigError(f"model.path {path!r} is not a Hugging Face model directory (no config.json)")
+    dtype = getattr(torch, config.dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
+        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path, dtype=dtype)
+    except OSError as err:
+        raise ConfigError(f"could not load model.path {path!r}: {err}") from err
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(resolve_device(config.device)), tokenizer
+
+
+def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
+    """Apply the tokenizer's chat template when the task asks for it."""
+    if not chat:
+        return problem
+    text = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return Problem(prompt=text, answer=problem.answer, meta=problem.meta)
+
+
+# --- run state and metrics -----------------------------------------------------------------------------------
+
+@dataclass
+class RunState:
+    """Counters that define where a run is; saved in every checkpoint."""
+
+    batch: int = 0  # rollout batches completed
+    data_position: int = 0  # next training-problem index
+    rollouts: int = 0  # cumulative sampled completions (training only)
+    wall_time: float = 0.0  # training seconds, evaluation and checkpointing excluded
+    updates: int = 0  # optimizer steps applied
+    attempts: int = 0  # update attempts (applied + discarded + skipped)
+    nonfinite_skips: int = 0
+    reward_errors: int = 0
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to metrics.jsonl; every line carries kind, batch, rollouts, wall_time."""
+
+    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
+        self.path = path
+        self._file = open(path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard_dir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ConfigError("output.tensorboard needs TensorBoard: pip install dgg[tensorboard]") from err
+            self._tb = SummaryWriter(str(tensorboard_dir))
+
+    def write(self, kind: str, state: RunState, values: dict[str, Any]) -> None:
+        record = {"kind": kind, "batch": state.batch, "rollouts": state.rollouts,
+                  "wall_time": round(state.wall_time, 6), **values}
+        if self._file.closed:  # the trainer is used again after train() returned
+            self._file = open(self.path, "a", encoding="utf-8")
+        self._file.write(json.dumps(record, default=_json_default) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = state.updates if kind == "update" else state.rollouts
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and "/" in key:
+                    self._tb.add_scalar(key, value, step)
+
+    def offset(self) -> int:
+        self._file.flush()
+        return self._file.tell()
+
+    def close(self) -> None:
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+# --- the trainer ---------------------------------------------------------------------------------------------
+
+class GRPOTrainer:
+    """GRPO with single-use, fixed-K or DGG-gated reuse of each rollout batch (Algorithm 1)."""
+
+    def __init__(self, config: Config, model=None, tokenizer=None, task=None, resume_from: Path | None = None):
+        self.config = config
+        self.run_dir = Path(config.output.dir)
+        if config.train.threads:
+            torch.set_num_threads(config.train.threads)
+        random.seed(config.train.seed)
+        torch.manual_seed(config.train.seed)
+
+        weights_from = str(resume_from / CHECKPOINT) if resume_from is not None else None
+        if model is None:
+            model, tokenizer = load_policy(config.model, weights_from)
+        self.model, self.tokenizer = model, tokenizer
+        self.device = next(model.parameters()).device
+        self.task = task if task is not None else make_task(config.task)
+        self.chat = getattr(config.task, "prompt_format", "bare") == "chat"
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas,
+                                           weight_decay=config.optim.weight_decay)
+        self.reference = None
+        if config.loss.kl_coef > 0:
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
+
+        # In single and fixed modes the gate only watches (τ = ∞): its z-scores are still logged (Fig. 3).
+        tau = config.reuse.tau if config.reuse.mode == "dgg" else math.inf
+        self.gate = GradientGate(tau=tau, window=config.reuse.window, history=config.reuse.history)
+        self.probe = LMHeadGradProbe(model, tied=config.reuse.tied)
+        self.profiler = WeightChangeProfiler(model, config.profile.snapshot_on_cpu) \
+            if config.profile.weights_every else None
+        self.state = RunState()
+        self._clock = time.perf_counter()
+
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        metrics_path = self.run_dir / "metrics.jsonl"
+        if resume_from is not None:
+            self._load_checkpoint(resume_from / CHECKPOINT, metrics_path)
+        else:
+            metrics_path.unlink(missing_ok=True)
+            save_config(config, self.run_dir / "config.yaml")
+        self.metrics = MetricsWriter(metrics_path, self.run_dir / "tensorboard" if config.output.tensorboard else None)
+
+    # Algorithm 1, line 1: for each training iteration
+    def train(self) -> RunState:
+        cfg = self.config
+        progress = _progress_bar(cfg.train.max_batches, self.state.batch, cfg.output.progress)
+        self._clock = time.perf_counter()
+        try:
+            if self.state.batch == 0:
+                self.evaluate()
+            while self.state.batch < cfg.train.max_batches:
+                batch = self.collect_rollouts()  # line 2; records of this batch carry its 1-based number
+                reuse_count = self.reuse(batch)  # lines 3–12
+                self._log_rollout(batch, reuse_count)
+                if cfg.eval.every and (self.state.batch % cfg.eval.every == 0
+                                       or self.state.batch == cfg.train.max_batches):
+                    self.evaluate()
+                if cfg.train.checkpoint_every and self.state.batch % cfg.train.checkpoint_every == 0:
+                    self.save_checkpoint()
+                progress.update(1)
+                progress.set_postfix(reward=f"{float(batch.rewards.mean()):.2f}", reuse=reuse_count,
+                                     discards=self.gate.discards_by_reason.get("zscore", 0))
+            if not cfg.train.checkpoint_every or self.state.batch % cfg.train.checkpoint_every:
+                self.save_checkpoint()
+        finally:
+            progress.close()
+            self.metrics.close()
+            self.probe.close()
+        return self.state
+
+    # Algorithm 1, line 2: generate a rollout batch from π_old ← π_θ
+    def collect_rollouts(self) -> RolloutBatch:
+        cfg = self.config
+        problems = [render_prompt(self.tokenizer, self.task.problem("train", self.state.data_position + i), self.chat)
+                    for i in range(cfg.rollout.prompts_per_batch)]
+        self.state.data_position += cfg.rollout.prompts_per_batch
+        self.state.batch += 1
+        batch = sample_rollouts(self.model, self.tokenizer, problems, cfg.rollout.group_size,
+                                cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+        self.state.rollouts += batch.size
+        started = time.perf_counter()
+        score_old_policy(self.model, batch, cfg.rollout.temperature, cfg.train.micro_batch_size)
+        if self.reference is not None:
+            score_old_policy(self.reference, batch, cfg.rollout.temperature, cfg.train.micro_batch_size)
+            batch.reference_logprobs, batch.old_logprobs = batch.old_logprobs, None  # same scorer, other model
+            score_old_policy(self.model, batch, cfg.rollout.temperature, cfg.train.micro_batch_size)
+        batch.scoring_seconds = time.perf_counter() - started
+        self._score_rewards(batch)
+        return batch
+
+    def _score_rewards(self, batch: RolloutBatch) -> None:
+        rewards = []
+        for problem, text in zip(batch.problems, batch.completions):
+            reward, info = safe_reward(self.task, text, problem.answer, self.config.task.reward_timeout_s)
+            if "error" in info:
+                self.state.reward_errors += 1
+                log.warning("reward failed (%s) on prompt %r, completion %r", info["error"], problem.prompt, text)
+                with open(self.run_dir / "reward_errors.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"batch": self.state.batch, "prompt": problem.prompt, "completion": text,
+                                        "answer": problem.answer, "error": info["error"]}) + "\n")
+            rewards.append(float(reward))
+            batch.reward_infos.append(info)
+        batch.rewards = torch.tensor(rewards, device=self.device)
+        batch.advantages = group_advantages(batch.rewards, self.config.rollout.group_size,
+                                            self.config.loss.scale_advantages)
+
+    # Algorithm 1, lines 3–12: for k = 1..K, update unless the gate says stop
+    def reuse(self, batch: RolloutBatch) -> int:
+        """Returns how many passes over the batch were applied in full."""
+        cfg = self.config.reuse
+        for reuse_index in range(1, cfg.passes + 1):
+            for mini_batch in self._mini_batches(batch, reuse_index):
+                if not self.update(mini_batch, reuse_index):
+                    return reuse_index - 1  # discard & terminate reuse (line 8)
+        return cfg.passes
+
+    def _mini_batches(self, batch: RolloutBatch, reuse_index: int) -> list[RolloutBatch]:
+        count = self.config.reuse.mini_batches
+        if count == 1:
+            return [batch]
+        generator = torch.Generator().manual_seed(hash((self.config.train.seed, self.state.batch, reuse_index))
+                                                  % (2**63))
+        order = torch.randperm(batch.size, generator=generator)
+        return [batch.select(rows) for rows in order.chunk(count)]
+
+    def update(self, batch: RolloutBatch, reuse_index: int) -> bool:
+        """One update attempt (lines 4–11). Returns False when the reuse of this batch must end."""
+        started = time.perf_counter()
+        self.state.attempts += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.probe.reset()
+        loss, stats = self._backward(batch)  # line 4
+
+        if not math.isfinite(loss):
+            return self._skip(batch, reuse_index, stats, loss, started, "non_finite_loss")
+        energy = float(self.probe.energy())  # line 5: g_t, read before any clipping
+        grad_norm = _global_grad_norm(self.optimizer)
+        decision = self.gate.observe(energy, reuse_index)  # line 6
+        if decision.discard or not math.isfinite(grad_norm):  # line 7
+            reason = decision.reason if decision.discard else "non_finite_grad"
+            return self._skip(batch, reuse_index, stats, loss, started, reason, energy, grad_norm, decision)
+
+        if self.config.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self._params(), self.config.optim.grad_clip)
+        self.optimizer.step()  # line 10
+        self.optimizer.zero_grad(set_to_none=True)
+        self.probe.reset()
+        self.state.updates += 1
+        self._log_update(reuse_index, stats, loss, energy, grad_norm, decision, started, applied=True)
+        if self.profiler and self.state.updates % self.config.profile.weights_every == 0:
+            changes = self.profiler.measure()
+            self.metrics.write("weights", self.state, {"update": self.state.updates,
+                                                       **{f"weights/{c}": v for c, v in changes.items()}})
+        return True
+
+    def _backward(self, batch: RolloutBatch) -> tuple[float, dict[str, float]]:
+        """Loss of Eq. 1 over the batch's T active tokens, back-propagated in micro-batches."""
+        cfg = self.config
+        total_tokens = float(batch.completion_mask.sum().clamp(min=1.0))
+        size = cfg.train.micro_batch_size or batch.size
+        loss_sum, sums = 0.0, {}
+        for start in range(0, batch.size, size):
+            rows = slice(start, start + size)
+            mask = batch.completion_mask[rows]
+            weight = float(mask.sum()) / total_tokens  # this micro-batch's share of the 1/T average
+            logprobs = completion_logprobs(self.model, batch.input_ids[rows], batch.attention_mask[rows],
+                                           batch.prompt_length, cfg.rollout.temperature)
+            loss, stats = clipped_surrogate_loss(logprobs, batch.old_logprobs[rows], batch.advantages[rows], mask,
+                                                 cfg.loss.clip_eps, cfg.loss.clip_eps_high)
+            if self.reference is not None:
+                kl = reference_kl(logprobs, batch.reference_logprobs[rows], mask)
+                loss = loss + cfg.loss.kl_coef * kl
+                stats["ref_kl"] = kl.detach()
+            if not torch.isfinite(loss):
+                return math.nan, {}
+            (loss * weight).backward()
+            loss_sum += float(loss.detach()) * weight
+            for key, value in stats.items():
+                reduce_max = key == "ratio_max"
+                previous = sums.get(key, -math.inf if reduce_max else 0.0)
+                sums[key] = max(previous, float(value)) if reduce_max else previous + float(value) * weight
+        return loss_sum, sums
+
+    def _skip(self, batch, reuse_index, stats, loss, started, reason, energy=None, grad_norm=None,
+              decision: GateDecision | None = None) -> bool:
+        """Drop this update's gradient before the optimizer: AdamW's moments and step count stay untouched."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.probe.reset()
+        if reason != "zscore":
+            self.state.nonfinite_skips += 1
+        self._log_update(reuse_index, stats, loss, energy, grad_norm, decision, started, applied=False,
+                         reason=reason)
+        return False
+
+    def _params(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def _tick(self) -> None:
+        """Advance the training clock; evaluation and checkpointing run with the clock stopped."""
+        now = time.perf_counter()
+        self.state.wall_time += now - self._clock
+        self._clock = now
+
+    def _log_update(self, reuse_index, stats, loss, energy, grad_norm, decision, started, applied, reason=None):
+        self._tick()
+        values = {
+            "reuse_index": reuse_index,
+            "update": self.state.updates,
+            "actor/applied": applied,
+            "actor/pg_loss": _finite_or_none(loss),
+            "actor/grad_norm": _finite_or_none(grad_norm),
+            "actor/lm_head_grad_energy": _finite_or_none(energy),
+            **{f"actor/{k}": v for k, v in stats.items()},
+            "actor/nonfinite_skips": self.state.nonfinite_skips,
+            "gate/z": _finite_or_none(decision.z) if decision else None,
+            "gate/delta": _finite_or_none(decision.delta) if decision else None,
+            "gate/ready": decision.ready if decision else False,
+            "gate/discard": bool(decision.discard) if decision else False,
+            "gate/reason": reason,
+            "perf/update_seconds": time.perf_counter() - started,
+        }
+        self.metrics.write("update", self.state, values)
+
+    def _log_rollout(self, batch: RolloutBatch, reuse_count: int) -> None:
+        self._tick()
+        lengths = batch.completion_mask.sum(dim=1)
+        grouped = batch.rewards.view(-1, self.config.rollout.group_size)
+        self.metrics.write("rollout", self.state, {
+            "reward/mean": float(batch.rewards.mean()),
+            "reward/std": float(batch.rewards.std()) if batch.size > 1 else 0.0,
+            "reward/errors": self.state.reward_errors,
+            "reward/zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
+            "rollout/length_mean": float(lengths.float().mean()),
+            "rollout/length_max": int(lengths.max()),
+            "rollout/seconds": batch.generation_seconds,
+            "rollout/scoring_seconds": batch.scoring_seconds,
+            "gate/reuse_count": reuse_count,
+            "gate/discards": self.gate.discards_by_reason.get("zscore", 0),
+            "actor/updates": self.state.updates,
+        })
+
+    # Held-out accuracy as mean@k (paper: mean@16), on its own RNG so training sampling is unaffected.
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        cfg = self.config
+        if not cfg.eval.every:
+            return None
+        size = self.task.split_size("test")
+        count = cfg.eval.problems if size is None else min(cfg.eval.problems, size)
+        self._tick()
+        problems = [render_prompt(self.tokenizer, self.task.problem("test", i), self.chat) for i in range(count)]
+        started = time.perf_counter()
+        rewards = []
+        chunk = max(1, 512 // cfg.eval.samples)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.batch)
+            for i in range(0, count, chunk):
+                batch = sample_rollouts(self.model, self.tokenizer, problems[i:i + chunk], cfg.eval.samples,
+                                        cfg.rollout.max_new_tokens, cfg.eval.temperature, 1.0)
+                for problem, text in zip(batch.problems, batch.completions):
+                    rewards.append(float(safe_reward(self.task, text, problem.answer, cfg.task.reward_timeout_s)[0]))
+        accuracy = sum(rewards) / len(rewards)
+        self.metrics.write("eval", self.state, {"eval/accuracy": accuracy, "eval/samples": cfg.eval.samples,
+                                                "eval/problems": count,
+                                                "perf/eval_seconds": time.perf_counter() - started})
+        self._clock = time.perf_counter()
+        return accuracy
+
+    # --- checkpoints: written to a temporary directory, then renamed, so the last good one survives a crash ---
+    def save_checkpoint(self) -> Path:
+        self._tick()
+        final = self.run_dir / CHECKPOINT
+        tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.model.save_pretrained(tmp, safe_serialization=True)
+        self.tokenizer.save_pretrained(tmp)
+        torch.save({
+            "state": asdict(self.state),
+            "optimizer": self.optimizer.state_dict(),
+            "gate": self.gate.state_dict(),
+            "profiler": self.profiler.state_dict() if self.profiler else None,
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "metrics_offset": self.metrics.offset(),
+        }, tmp / STATE_FILE)
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        self._clock = time.perf_counter()
+        return final
+
+    def _load_checkpoint(self, directory: Path, metrics_path: Path) -> None:
+        saved = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
+        self.state = RunState(**saved["state"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.gate.load_state_dict(saved["gate"])
+        if self.profiler and saved["profiler"] is not None:
+            self.profiler.load_state_dict(saved["profiler"])
+        torch.set_rng_state(saved["rng"]["torch"].cpu())
+        random.setstate(saved["rng"]["python"])
+        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        # Lines written after the checkpoint belong to work that is being redone.
+        if metrics_path.exists():
+            with open(metrics_path, "r+b") as f:
+                f.truncate(saved["metrics_offset"])
+
+
+def _global_grad_norm(optimizer) -> float:
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+
+
+def _progress_bar(total: int, initial: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="batches", unit="batch", disable=not enabled, dynamic_ncols=True)
+
+
+def find_checkpoint(run_dir: Path) -> Path:
+    """The run directory's checkpoint, or a clear error."""
+    if (run_dir / CHECKPOINT / STATE_FILE).is_file():
+        return run_dir
+    if (run_dir / (CHECKPOINT + ".old") / STATE_FILE).is_file():  # crashed between the two renames
+        (run_dir / (CHECKPOINT + ".old")).rename(run_dir / CHECKPOINT)
+        return run_dir
+    raise ConfigError(f"--resume {run_dir}: no checkpoint found (expected {run_dir / CHECKPOINT / STATE_FILE})")
+
+
+def train(config: Config, resume: str | Path | None = None) -> GRPOTrainer:
+    """Build a trainer (fresh or resumed) and run it; returns the finished trainer."""
+    resume_from = None
+    if resume is not None:
+        resume_from = find_checkpoint(Path(resume))
+    trainer = GRPOTrainer(config, resume_from=resume_from)
+    trainer.train()
+    return trainer
+
+
+def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """The resolved config a run was started with (for --resume), plus overrides such as train.max_batches."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml in that directory")
+    config = load_config(path, overrides)
+    config.output.dir = str(run_dir)
+    return config

@@ -1,0 +1,186 @@
+import json
+import math
+
+import pytest
+import torch
+
+from dgg.cli import main as cli_main
+from dgg.config import ConfigError, load_config
+from dgg.tasks import Problem
+from dgg.trainer import GRPOTrainer, load_policy, load_run_config
+
+TINY_RUN = ["rollout.prompts_per_batch=4", "rollout.group_size=4", "rollout.max_new_tokens=4",
+            "eval.every=2", "eval.problems=4", "eval.samples=2", "profile.weights_every=2",
+            "output.progress=false", "optim.lr=1e-2"]
+
+
+class DigitTask:
+    """Reward = fraction of digit characters: a random model gets varied rewards, so gradients are non-zero."""
+
+    name = "digits"
+
+    def __init__(self, fail_on=None):
+        self.fail_on = fail_on
+
+    def problem(self, split, index):
+        return Problem(prompt=f"{index % 7}+{index % 5}=", answer="", meta={})
+
+    def split_size(self, split):
+        return None if split == "train" else 8
+
+    def reward(self, completion, answer):
+        if self.fail_on is not None and self.fail_on in completion:
+            raise RuntimeError("reward exploded")
+        return (sum(c.isdigit() for c in completion) / max(len(completion), 1)), {}
+
+
+def make_trainer(tiny_model_dir, tmp_path, *overrides, task=None):
+    config = load_config(None, [f"model.path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", *TINY_RUN,
+                                *overrides])
+    model, tokenizer = load_policy(config.model)
+    return GRPOTrainer(config, model, tokenizer, task or DigitTask())
+
+
+def read_metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("mode, passes", [("single", 1), ("fixed", 3), ("dgg", 3)])
+def test_each_mode_runs_end_to_end_from_the_cli(tiny_model_dir, tmp_path, mode, passes, capsys):
+    run_dir = tmp_path / mode
+    code = cli_main(["train", "--model", str(tiny_model_dir), "--output", str(run_dir), *TINY_RUN,
+                     "train.max_batches=2", f"reuse.mode={mode}", "reuse.max_reuse=3"])
+    assert code == 0
+    records = read_metrics(run_dir)
+    updates = [r for r in records if r["kind"] == "update"]
+    assert {r["kind"] for r in records} >= {"update", "rollout", "eval"}
+    assert max(r["reuse_index"] for r in updates) == passes
+    assert all({"batch", "rollouts", "wall_time"} <= set(r) for r in records)
+    rollouts = [r for r in records if r["kind"] == "rollout"]
+    assert [r["rollouts"] for r in rollouts] == [16, 32] and [r["batch"] for r in rollouts] == [1, 2]
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint" / "model.safetensors").is_file()
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["batches"] == 2 and summary["rollouts"] == 32
+
+
+def test_weights_records_cover_components(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "train.max_batches=2", "reuse.mode=fixed",
+                           "reuse.max_reuse=2")
+    trainer.train()
+    weights = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "weights"]
+    assert len(weights) == 2
+    assert {"weights/lm_head", "weights/attn", "weights/mlp", "weights/embed", "weights/norm"} <= set(weights[0])
+    assert all(r["weights/lm_head"] > 0 for r in weights)
+
+
+def optimizer_snapshot(optimizer):
+    out = {}
+    for i, state in enumerate(optimizer.state.values()):
+        for key, value in state.items():
+            out[(i, key)] = value.clone() if torch.is_tensor(value) else value
+    return out
+
+
+def test_dgg_with_a_hair_trigger_stops_each_batch_after_its_first_reuse_step(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "train.max_batches=6", "reuse.mode=dgg",
+                           "reuse.max_reuse=4", "reuse.window=2", "reuse.tau=-1e9", "eval.every=0")
+    trainer.train()
+    records = read_metrics(trainer.run_dir)
+    rollouts = [r for r in records if r["kind"] == "rollout"]
+    # The first observation only sets g_prev; updates 2 and 3 fill the window (2 increments), so the first
+    # batch's fourth update is discarded; from then on every batch stops at k = 2.
+    assert [r["gate/reuse_count"] for r in rollouts] == [3, 1, 1, 1, 1, 1]
+    discarded = [r for r in records if r["kind"] == "update" and r["gate/discard"]]
+    assert [r["reuse_index"] for r in discarded] == [4, 2, 2, 2, 2, 2]
+    assert not any(r["actor/applied"] for r in discarded)
+
+    # The discarded step leaves weights and AdamW's moments and step count exactly as they were.
+    batch = trainer.collect_rollouts()
+    assert trainer.update(batch, 1)
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    adam = optimizer_snapshot(trainer.optimizer)
+    assert trainer.update(batch, 2) is False
+    assert all(torch.equal(p, weights[n]) for n, p in trainer.model.named_parameters())
+    after = optimizer_snapshot(trainer.optimizer)
+    assert after.keys() == adam.keys()
+    assert all(torch.equal(after[k], v) if torch.is_tensor(v) else after[k] == v for k, v in adam.items())
+    assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_non_finite_loss_is_never_applied(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=fixed", "eval.every=0")
+    batch = trainer.collect_rollouts()
+    batch.advantages = torch.full_like(batch.advantages, math.nan)
+    weights = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    assert trainer.update(batch, 1) is False
+    assert trainer.state.nonfinite_skips == 1 and trainer.state.updates == 0
+    assert all(torch.equal(p, weights[n]) for n, p in trainer.model.named_parameters())
+    assert trainer.optimizer.state == {}
+
+
+def test_reward_that_raises_is_counted_logged_and_the_run_goes_on(tiny_model_dir, tmp_path):
+    class AlwaysFails(DigitTask):
+        def reward(self, completion, answer):
+            raise RuntimeError("reward exploded")
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, "train.max_batches=1", "eval.every=0",
+                           task=AlwaysFails())
+    trainer.train()
+    assert trainer.state.reward_errors == 16
+    errors = [json.loads(x) for x in (trainer.run_dir / "reward_errors.jsonl").read_text().splitlines()]
+    assert len(errors) == 16 and "reward exploded" in errors[0]["error"]
+    rollout = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "rollout"][0]
+    assert rollout["reward/errors"] == 16 and rollout["reward/mean"] == 0.0
+
+
+TIMING_KEYS = ("wall_time", "perf/update_seconds", "perf/eval_seconds", "rollout/seconds", "rollout/scoring_seconds")
+
+
+def strip_timing(records):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in records]
+
+
+def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tiny_model_dir, tmp_path):
+    common = ["reuse.mode=dgg", "reuse.max_reuse=3", "reuse.window=3", "reuse.tau=0.1", "train.checkpoint_every=2"]
+    whole = make_trainer(tiny_model_dir, tmp_path / "a", "train.max_batches=4", *common)
+    whole.train()
+
+    first = make_trainer(tiny_model_dir, tmp_path / "b", "train.max_batches=2", *common)
+    first.train()
+    config = load_run_config(first.run_dir, ["train.max_batches=4"])
+    resumed = GRPOTrainer(config, task=DigitTask(), resume_from=first.run_dir)
+    resumed.train()
+
+    assert strip_timing(read_metrics(resumed.run_dir)) == strip_timing(read_metrics(whole.run_dir))
+    for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
+        assert torch.equal(p, q), name
+
+
+def test_bad_config_values_name_the_field(tmp_path):
+    with pytest.raises(ConfigError, match="reuse.mode"):
+        load_config(None, ["reuse.mode=sometimes"])
+    with pytest.raises(ConfigError, match="rollout.group_size"):
+        load_config(None, ["rollout.group_size=1"])
+    with pytest.raises(ConfigError, match="unknown config key reuse.taux"):
+        load_config(None, ["reuse.taux=0.5"])
+    with pytest.raises(ConfigError, match="optim.lr"):
+        load_config(None, ["optim.lr=fast"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_overrides_parse_numbers_and_infinity():
+    config = load_config(None, ["optim.lr=1e-3", "reuse.tau=inf", "train.micro_batch_size=null"])
+    assert config.optim.lr == 1e-3 and config.reuse.tau == math.inf and config.train.micro_batch_size is None
+
+
+def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
+    code = cli_main(["train", "--model", str(tmp_path / "no_such_model"), "--output", str(tmp_path / "r")])
+    assert code == 2
+    assert "model.path" in capsys.readouterr().err
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "config.yaml").write_text("reuse:\n  mode: dgg\n")
+    assert cli_main(["train", "--resume", str(tmp_path)]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
