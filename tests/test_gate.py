@@ -189,7 +189,7 @@ def test_z_is_invariant_under_positive_affine_maps(values, a, b):
         if d1.z is None:
             assert d2.z is None
             continue
-        assume(statistics.stdev(held) > 1e-3)  # away from the ε floor, where z is not scale-free
+        assume(statistics.stdev(held) * min(a, 1.0) > 1e-2)  # away from the ε floor, where z is not scale-free
         assert d2.z == pytest.approx(d1.z, rel=1e-5, abs=1e-5)
         assert d1.discard == d2.discard
 

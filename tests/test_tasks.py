@@ -379,3 +379,19 @@ def test_safe_reward_escapes_a_math_verify_hang_off_the_main_thread(math_file):
     assert not thread.is_alive()
     assert results[0] == (1.0, {"parsed": "\\frac{1}{2}", "correct": True})
     assert results[1] == (0.0, {"error": "timeout"}) and results[2] < 10
+
+
+def test_safe_reward_runs_pure_rewards_in_process_and_still_catches_errors():
+    class Pure:
+        isolate_reward = False
+
+        def reward(self, completion, answer):
+            if completion == "boom":
+                raise KeyError("x")
+            return (2.0 if completion == "big" else float(completion == answer)), {}
+
+    task = Pure()  # a local class cannot be pickled: this only works in-process
+    assert safe_reward(task, "7", "7", timeout_s=1.0) == (1.0, {})
+    reward, info = safe_reward(task, "boom", "7", timeout_s=1.0)
+    assert reward == 0.0 and info["error"].startswith("KeyError")
+    assert safe_reward(task, "big", "7", timeout_s=1.0)[0] == 0.0

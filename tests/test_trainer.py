@@ -18,6 +18,7 @@ class DigitTask:
     """Reward = fraction of digit characters: a random model gets varied rewards, so gradients are non-zero."""
 
     name = "digits"
+    isolate_reward = False
 
     def __init__(self, fail_on=None):
         self.fail_on = fail_on

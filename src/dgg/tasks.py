@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
 import multiprocessing
 import os
@@ -280,6 +281,8 @@ class ReasoningGymTask:
     def __init__(self, config: TaskConfig):
         self.name = config.name
         self.config = config
+        # The bare-format reward is an exact string match: nothing to isolate, so it runs in-process.
+        self.isolate_reward = config.prompt_format != "bare"
         self._scorer = _create_reasoning_gym_dataset(config.name, config.options, seed=0, size=1)
         if config.prompt_format == "bare" and "expression" not in self._scorer[0].get("metadata", {}):
             raise ValueError(
@@ -457,6 +460,7 @@ class MathTask:
     def __init__(self, config: TaskConfig, rows_loader: Callable[..., list[dict]] | None = None):
         self.name = MATH_TASK_NAME
         self.config = config
+        self.isolate_reward = True  # math-verify can hang on pathological input
         load = rows_loader or self._load_rows
         train_rows = load(config.path, config.train_split)
         test_source = (config.test_path or config.path, config.test_split)
@@ -578,6 +582,13 @@ def make_task(config: TaskConfig) -> Task:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def _call_reward(task, completion: str, answer: str, problem: Problem | None):
+    # ``problem`` goes only to rewards that declare it: the Task protocol's reward takes (completion, answer).
+    if problem is None or "problem" not in inspect.signature(task.reward).parameters:
+        return task.reward(completion, answer)
+    return task.reward(completion, answer, problem=problem)
+
+
 def _reward_worker(connection, task) -> None:
     """Child-process loop: score (completion, answer, problem) requests until the pipe closes."""
     connection.send("ready")
@@ -587,10 +598,7 @@ def _reward_worker(connection, task) -> None:
         except EOFError:
             return
         try:
-            if problem is None:
-                reward, info = task.reward(completion, answer)
-            else:
-                reward, info = task.reward(completion, answer, problem=problem)
+            reward, info = _call_reward(task, completion, answer, problem)
             connection.send(("ok", float(reward), info))
         except Exception as error:  # the sample gets reward 0; the trainer counts info["error"]
             connection.send(("error", f"{type(error).__name__}: {error}", None))
@@ -672,9 +680,16 @@ def safe_reward(
     ``(0.0, {"error": "<type>: <message>"})``; one still running after ``timeout_s`` gives
     ``(0.0, {"error": "timeout"})`` and its process is killed (a fresh one starts on the next call). A reward
     outside [0, 1] or not finite is an error too. ``problem`` is forwarded to tasks whose scorer needs it.
+
+    A task whose ``isolate_reward`` attribute is False (a pure, fast reward such as an exact match) is scored
+    in this process: exceptions are still caught, but no timeout is enforced.
     """
     try:
-        reward, info = reward_process_for(task)(completion, answer, timeout_s, problem)
+        if getattr(task, "isolate_reward", True):
+            reward, info = reward_process_for(task)(completion, answer, timeout_s, problem)
+        else:
+            reward, info = _call_reward(task, completion, answer, problem)
+            reward = float(reward)
     except Exception as error:  # e.g. the task cannot be pickled for the reward process
         return 0.0, {"error": f"{type(error).__name__}: {error}"}
     if not 0.0 <= reward <= 1.0:  # also catches NaN

@@ -246,7 +246,7 @@ class GRPOTrainer:
     def _score_rewards(self, batch: RolloutBatch) -> None:
         rewards = []
         for problem, text in zip(batch.problems, batch.completions):
-            reward, info = safe_reward(self.task, text, problem.answer, self.config.task.reward_timeout_s)
+            reward, info = safe_reward(self.task, text, problem.answer, self.config.task.reward_timeout_s, problem)
             if "error" in info:
                 self.state.reward_errors += 1
                 log.warning("reward failed (%s) on prompt %r, completion %r", info["error"], problem.prompt, text)
@@ -413,7 +413,7 @@ class GRPOTrainer:
                 batch = sample_rollouts(self.model, self.tokenizer, problems[i:i + chunk], cfg.eval.samples,
                                         cfg.rollout.max_new_tokens, cfg.eval.temperature, 1.0)
                 for problem, text in zip(batch.problems, batch.completions):
-                    rewards.append(float(safe_reward(self.task, text, problem.answer, cfg.task.reward_timeout_s)[0]))
+                    rewards.append(float(safe_reward(self.task, text, problem.answer, cfg.task.reward_timeout_s, problem)[0]))
         accuracy = sum(rewards) / len(rewards)
         self.metrics.write("eval", self.state, {"eval/accuracy": accuracy, "eval/samples": cfg.eval.samples,
                                                 "eval/problems": count,
