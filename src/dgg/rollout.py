@@ -39,7 +39,10 @@ class RolloutBatch:
     def select(self, index: torch.Tensor | slice) -> RolloutBatch:
         """A mini-batch view (rows ``index``) for mini-batched or micro-batched updates."""
         rows = range(self.size)[index] if isinstance(index, slice) else index.tolist()
-        pick = (lambda t: None if t is None else t[index])
+
+        def pick(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            return None if tensor is None else tensor[index]
+
         return RolloutBatch(
             problems=[self.problems[i] for i in rows], completions=[self.completions[i] for i in rows],
             input_ids=self.input_ids[index], attention_mask=self.attention_mask[index],
