@@ -318,13 +318,26 @@ def _looks_numeric(text: str) -> bool:
     return text.strip().lower() not in ("nan", "inf", "+inf", "-inf", "infinity")
 
 
+BUNDLED_CONFIGS = Path(__file__).parent / "configs"
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML file path, or the name of a config bundled with dgg (``demo`` -> dgg/configs/demo.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    bundled = BUNDLED_CONFIGS / f"{path.stem}.yaml"
+    if path.parent == Path(".") and bundled.is_file():
+        return bundled
+    names = ", ".join(sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml")))
+    raise ConfigError(f"config file {name_or_path} does not exist (bundled configs: {names})")
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Read a YAML config (or start from the defaults) and apply dotted overrides."""
+    """Read a YAML config (a path or a bundled name, or the defaults if None) and apply dotted overrides."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = resolve_config_path(path)
         try:
             data = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as err:

@@ -1,0 +1,160 @@
+"""Figures drawn from metrics files alone, in the paper's naming (Fig. 1, 2, 3 and the gate's events)."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+
+from dgg.analysis import EvalPoint, converged_accuracy, degradation_onset, eval_points
+
+ARM_STYLE = {  # arm -> (label, colour)
+    "single": ("GRPO (single-use)", "#4d4d4d"),
+    "naive": ("GRPO w/ Naive Reuse", "#d62728"),
+    "dgg": ("GRPO w/ DGG", "#1f77b4"),
+}
+COMPONENT_STYLE = {"lm_head": "#d62728", "attn": "#2ca02c", "mlp": "#9467bd", "embed": "#8c564b", "norm": "#7f7f7f"}
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _style(arm: str) -> tuple[str, str]:
+    return ARM_STYLE.get(arm, (arm, None))
+
+
+def _mean_curve(runs: list[list[EvalPoint]], axis: str) -> tuple[list[float], list[float], list[float]]:
+    length = min(len(points) for points in runs)
+    xs = [statistics.fmean(getattr(points[i], axis) for points in runs) for i in range(length)]
+    ys = [statistics.fmean(points[i].accuracy for points in runs) for i in range(length)]
+    sd = [statistics.stdev([points[i].accuracy for points in runs]) if len(runs) > 1 else 0.0
+          for i in range(length)]
+    return xs, ys, sd
+
+
+def plot_accuracy(arms: dict[str, list[list[dict]]], out: Path, labels: dict[str, str] | None = None) -> Path:
+    """Fig. 2: held-out accuracy against rollouts and against training wall-clock, mean ± std over seeds."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    baseline = None
+    if "single" in arms:
+        baseline = statistics.fmean(converged_accuracy(eval_points(r)) for r in arms["single"])
+    for arm, runs in arms.items():
+        points = [eval_points(r) for r in runs]
+        label, colour = _style(arm)
+        label = (labels or {}).get(arm, label)
+        for ax, axis in zip(axes, ("rollouts", "wall_time")):
+            xs, ys, sd = _mean_curve(points, axis)
+            ax.plot(xs, ys, label=label, color=colour, lw=1.8)
+            if len(points) > 1:
+                ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
+                                color=colour, alpha=0.15)
+    for ax, xlabel in zip(axes, ("rollouts (sampled completions)", "training wall-clock (s, evaluation excluded)")):
+        if baseline is not None:
+            ax.axhline(baseline, color="gray", ls="--", lw=1, label="single-use converged")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("held-out accuracy (mean@k)")
+        ax.grid(alpha=0.3)
+    seeds = max(len(r) for r in arms.values())
+    axes[0].legend(fontsize=8, loc="lower right")
+    fig.suptitle(f"Accuracy vs cost ({seeds} seed{'s' if seeds > 1 else ''}; band = ±1 std)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def _onset_rollouts(records: list[dict]) -> int | None:
+    onset = degradation_onset(eval_points(records))
+    return onset.rollouts if onset else None
+
+
+def plot_weight_change(arms: dict[str, list[dict]], out: Path, labels: dict[str, str] | None = None) -> Path:
+    """Fig. 1: relative weight change ‖W_t − W_{t−Δ}‖_F / ‖W_ref‖_F per component, one panel per arm."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(arms), figsize=(4.6 * len(arms), 3.8), sharey=True, squeeze=False)
+    for ax, (arm, records) in zip(axes[0], arms.items()):
+        weights = [r for r in records if r["kind"] == "weights"]
+        for component, colour in COMPONENT_STYLE.items():
+            key = f"weights/{component}"
+            points = [(r["rollouts"], r[key]) for r in weights if key in r]
+            if points:
+                ax.plot(*zip(*points), color=colour, lw=1.6 if component in ("lm_head", "attn", "mlp") else 0.8,
+                        label=component)
+        onset = _onset_rollouts(records)
+        if onset is not None:
+            ax.axvline(onset, color="red", ls="--", lw=1, label="onset of degradation")
+        ax.set_title((labels or {}).get(arm, _style(arm)[0]), fontsize=10)
+        ax.set_xlabel("rollouts")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("relative weight change per Δ updates")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+SIGNALS = (("actor/kl", "KL(π_old ‖ π_θ)"), ("actor/clip_ratio", "clip ratio"),
+           ("actor/grad_norm", "global grad norm"), ("actor/lm_head_grad_energy", "lm_head grad energy ‖G_lm‖²_F"))
+
+
+def plot_signals(arms: dict[str, list[dict]], out: Path, labels: dict[str, str] | None = None) -> Path:
+    """Fig. 3: the four candidate monitoring signals per update attempt, with the onset of degradation."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.6))
+    for arm, records in arms.items():
+        label, colour = _style(arm)
+        updates = [r for r in records if r["kind"] == "update"]
+        for ax, (key, _) in zip(axes, SIGNALS):
+            points = [(r["rollouts"], r[key]) for r in updates if r.get(key) is not None]
+            if points:
+                ax.plot(*zip(*points), color=colour, lw=0.9, alpha=0.85, label=(labels or {}).get(arm, label))
+        onset = _onset_rollouts(records)
+        if onset is not None:
+            for ax in axes:
+                ax.axvline(onset, color="red", ls="--", lw=1)
+    for ax, (key, title) in zip(axes, SIGNALS):
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("rollouts")
+        ax.grid(alpha=0.3)
+    axes[-1].set_yscale("log")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def plot_gate(records: list[dict], tau: float, out: Path, title: str = "GRPO w/ DGG") -> Path:
+    """The gate's view: z-score of Δg per update attempt with τ, discards marked; reuse count per batch."""
+    plt = _pyplot()
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True, height_ratios=(2, 1))
+    updates = [r for r in records if r["kind"] == "update" and r.get("gate/z") is not None]
+    accepted = [(r["rollouts"], r["gate/z"]) for r in updates if not r.get("gate/discard")]
+    discarded = [(r["rollouts"], r["gate/z"]) for r in updates if r.get("gate/discard")]
+    if accepted:
+        top.scatter(*zip(*accepted), s=6, color="#1f77b4", label="accepted update")
+    if discarded:
+        top.scatter(*zip(*discarded), s=22, color="red", marker="x", label="discarded (z > τ, k > 1)")
+    top.axhline(tau, color="red", ls="--", lw=1, label=f"τ = {tau}")
+    top.set_yscale("symlog", linthresh=1.0)
+    top.set_ylabel("z-score of Δg (Eq. 8)")
+    top.legend(fontsize=8, loc="upper right")
+    top.grid(alpha=0.3)
+    top.set_title(title)
+    batches = [r for r in records if r["kind"] == "rollout"]
+    bottom.bar([r["rollouts"] for r in batches], [r["gate/reuse_count"] for r in batches],
+               width=max(1, batches[0]["rollouts"] * 0.8) if batches else 1, color="#1f77b4")
+    bottom.set_ylabel("updates applied\nper batch")
+    bottom.set_xlabel("rollouts")
+    bottom.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
