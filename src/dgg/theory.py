@@ -438,7 +438,8 @@ def measure_constants(
     model: nn.Module, texts_ids: Sequence[torch.Tensor], config: ConstantsConfig, progress=None
 ) -> ConstantsMeasurement:
     """Run every measurement over ``config.tokens`` positions sampled from ``texts_ids`` (1-D id tensors on
-    the model's device). ``progress(done, total)`` is called after each token if given."""
+    the model's device). ``progress(done, total)`` is called after each token if given. The model is put in
+    eval mode with ``requires_grad_(False)`` (only the zero perturbations need gradients) and left so."""
     model.eval()
     model.requires_grad_(False)  # only the δ perturbations need gradients
     generator = torch.Generator().manual_seed(config.seed)
