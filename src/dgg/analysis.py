@@ -144,6 +144,8 @@ def compare_to_baseline(arms: dict[str, list[dict]], baseline: str = "single") -
         return summaries
     base_rollouts = cost_to_reach(base_points, target, "rollouts")
     base_time = cost_to_reach(base_points, target, "wall_time")
+    if not base_rollouts:  # the baseline was already there before training: no speedup is defined
+        return summaries
     for name, records in arms.items():
         points = eval_points(records)
         s = summaries[name]

@@ -152,13 +152,12 @@ def print_table(summary: dict, arms) -> None:
     from rich.table import Table
 
     table = Table(title="dgg demo (Table 1 style; speedups vs single-use)")
-    for column in ("arm", "converged acc.", "peak", "final", "rollout speedup", "wall-clock speedup",
-                   "collapsed", "discards"):
-        table.add_column(column)
+    for column in ("arm", "converged", "peak", "final", "rollout speedup", "time speedup", "collapsed", "discards"):
+        table.add_column(column, no_wrap=True)
     seeds = len(summary["seeds"])
     for arm in arms:
         s = summary["arms"][arm.name]
-        table.add_row(s["label"], _fmt(s["converged_accuracy"]), _fmt(s["peak_accuracy"]), _fmt(s["final_accuracy"]),
+        table.add_row(s["label"].replace("GRPO ", "").replace("w/ ", ""), _fmt(s["converged_accuracy"]), _fmt(s["peak_accuracy"]), _fmt(s["final_accuracy"]),
                       _speedup(s["rollout_speedup"]), _speedup(s["wall_clock_speedup"]),
                       f"{s['collapsed_seeds']}/{seeds}", _fmt(s["discards"], 1))
-    Console().print(table)
+    Console(width=140).print(table)
