@@ -15,7 +15,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("dgg.commands.bench", "run a named benchmark experiment over seeds"),
     "report": ("dgg.commands.report", "analyse a benchmark directory from its metrics files"),
     "constants": ("dgg.commands.constants", "measure the architectural constants of Theorem 1 (Table 2)"),
-    "smoke": ("dgg.commands.smoke", "a one-minute check that the gate and probe work on this machine"),
 }
 
 
