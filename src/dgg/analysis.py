@@ -173,3 +173,24 @@ def format_speedup(value: float | None) -> str:
     if value is None:
         return "never reached"
     return f"{value:.2f}× ({(1 - 1 / value) * 100:.1f}%)" if value > 0 else "—"
+
+
+SIGNAL_KEYS = ("actor/kl", "actor/clip_ratio", "actor/grad_norm", "actor/lm_head_grad_energy")
+
+
+def signal_firings(records: list[dict], key: str, tau: float, window: int = 20, history: str = "all") -> list[int]:
+    """Rollout counts at which the paper's z-score rule (Eq. 8, k > 1), applied to signal ``key``, would fire.
+
+    Used for Fig. 3: each candidate signal of a naive-reuse run is replayed through the same gate.
+    """
+    from dgg.gate import GradientGate
+
+    gate = GradientGate(tau=tau, window=window, history=history)
+    fired = []
+    for record in records:
+        if record["kind"] != "update" or record.get(key) is None:
+            continue
+        decision = gate.observe(float(record[key]), int(record["reuse_index"]))
+        if decision.discard and decision.reason == "zscore":
+            fired.append(int(record["rollouts"]))
+    return fired

@@ -39,7 +39,14 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser, modules = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse cannot put key=value positionals after options (`dgg bench main --seeds 3 optim.lr=1e-3`);
+    # such leftovers are overrides, anything else is an error as usual.
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = [*args.overrides, *extra]
+        else:
+            parser.parse_args(argv)  # reports the unrecognised arguments and exits
     if args.command is None:
         parser.print_help()
         return 2

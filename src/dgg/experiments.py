@@ -20,11 +20,13 @@ DONE = "done.json"
 
 @dataclass(frozen=True)
 class Arm:
-    """One configuration of an experiment: a name, a label for figures, and its config overrides."""
+    """One configuration of an experiment: a name, a label for figures, its config overrides, and the arm its
+    speedups are measured against (the single-use run at the same learning rate)."""
 
     name: str
     label: str
     overrides: tuple[str, ...]
+    baseline: str = "single"
 
 
 def reuse_arms(max_reuse: int, tau: float) -> list[Arm]:
@@ -58,17 +60,19 @@ def run_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int
     return run_dir
 
 
-def summarise(out: Path, arms: list[Arm], seeds: list[int], baseline: str = "single"
+def summarise(out: Path, arms: list[Arm], seeds: list[int]
               ) -> tuple[dict[str, list[ArmSummary]], dict[str, list[list[dict]]]]:
-    """Per arm: one summary per seed (speedups against the same seed's baseline) and the metrics records."""
+    """Per arm: one summary per seed (speedups against the same seed's baseline arm) and the metrics records."""
     summaries: dict[str, list[ArmSummary]] = {a.name: [] for a in arms}
     records: dict[str, list[list[dict]]] = {a.name: [] for a in arms}
     for seed in seeds:
         per_arm = {a.name: read_metrics(run_dir_for(out, a, seed)) for a in arms}
-        for name, summary in compare_to_baseline(per_arm, baseline).items():
+        for arm in arms:
+            pair = {arm.baseline: per_arm[arm.baseline], arm.name: per_arm[arm.name]}
+            summary = compare_to_baseline(pair, arm.baseline)[arm.name]
             summary.seed = seed
-            summaries[name].append(summary)
-            records[name].append(per_arm[name])
+            summaries[arm.name].append(summary)
+            records[arm.name].append(per_arm[arm.name])
     return summaries, records
 
 
@@ -87,3 +91,61 @@ def aggregate(summaries: dict[str, list[ArmSummary]]) -> dict[str, dict]:
         entry["runs"] = [summary_dict(s) for s in runs]
         out[arm] = entry
     return out
+
+
+# --- named benchmark experiments (paper §6, Fig. 2–5, Table 1, Appendix F) -----------------------------------
+
+def _dgg(max_reuse: int, tau: float, extra: tuple[str, ...] = (), baseline: str = "single", suffix: str = "") -> Arm:
+    return Arm(f"dgg_k{max_reuse}_tau{tau:g}{suffix}", f"GRPO w/ DGG (K={max_reuse}, τ={tau:g}){suffix}",
+               ("reuse.mode=dgg", f"reuse.max_reuse={max_reuse}", f"reuse.tau={tau}", *extra), baseline)
+
+
+def _fixed(max_reuse: int, label: str | None = None) -> Arm:
+    if max_reuse == 1:
+        return Arm("single", "GRPO (single-use)", ("reuse.mode=single",))
+    return Arm(f"fixed_k{max_reuse}", label or f"GRPO w/ fixed reuse (K={max_reuse})",
+               ("reuse.mode=fixed", f"reuse.max_reuse={max_reuse}"))
+
+
+def experiment_main(config) -> list[Arm]:
+    """Fig. 2 / Table 1 / Appendix F: single-use vs naive reuse (K = 4) vs DGG (K = 4, τ ∈ {0.1, 0.5, 1.0})."""
+    return [_fixed(1), _fixed(4, "GRPO w/ Naive Reuse (K=4)"), *(_dgg(4, tau) for tau in (0.1, 0.5, 1.0))]
+
+
+def experiment_fixed_vs_adaptive(config) -> list[Arm]:
+    """Fig. 4: fixed K ∈ {1, 2, 3, 4} against DGG (K = 4, τ of the config)."""
+    return [*(_fixed(k) for k in (1, 2, 3, 4)), _dgg(4, config.reuse.tau)]
+
+
+def experiment_sensitivity(config) -> list[Arm]:
+    """Fig. 5: DGG over τ ∈ {0.1, 0.5, 1.0} × K ∈ {2, 4, 6, 8}, against single-use (K = 1)."""
+    return [_fixed(1), *(_dgg(k, tau) for tau in (0.1, 0.5, 1.0) for k in (2, 4, 6, 8))]
+
+
+def experiment_signals(config) -> list[Arm]:
+    """Fig. 3: naive reuse (K = 4) logs all four candidate signals; single-use gives the reference accuracy."""
+    return [_fixed(1), _fixed(4, "GRPO w/ Naive Reuse (K=4)")]
+
+
+def experiment_gate_variants(config) -> list[Arm]:
+    """The paper's window (history=all) against history=reuse, at the config's lr and at twice it."""
+    arms = []
+    for scale in (1, 2):
+        lr = config.optim.lr * scale
+        suffix = "" if scale == 1 else f" lr×{scale}"
+        tag = "" if scale == 1 else f"_lrx{scale}"
+        base = f"single{tag}"
+        arms.append(Arm(base, f"GRPO (single-use){suffix}", ("reuse.mode=single", f"optim.lr={lr}")))
+        for history in ("all", "reuse"):
+            arms.append(Arm(f"dgg_{history}{tag}", f"GRPO w/ DGG history={history}{suffix}",
+                            ("reuse.mode=dgg", f"reuse.history={history}", f"optim.lr={lr}"), base))
+    return arms
+
+
+EXPERIMENTS = {
+    "main": experiment_main,
+    "fixed-vs-adaptive": experiment_fixed_vs_adaptive,
+    "sensitivity": experiment_sensitivity,
+    "signals": experiment_signals,
+    "gate-variants": experiment_gate_variants,
+}

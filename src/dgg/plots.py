@@ -123,7 +123,8 @@ def plot_signals(arms: dict[str, list[dict]], out: Path, labels: dict[str, str] 
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rollouts")
         ax.grid(alpha=0.3)
-    axes[-1].set_yscale("log")
+    if any(line.get_ydata().min() > 0 for line in axes[-1].get_lines() if len(line.get_ydata())):
+        axes[-1].set_yscale("log")  # the energy spans decades
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=120)

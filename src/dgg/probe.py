@@ -1,5 +1,4 @@
 # TEMPORARY development stub (untracked); replaced by the probe branch.
-import torch
 class LMHeadGradProbe:
     def __init__(self, model, tied="output"):
         self.head = model.get_output_embeddings()

@@ -1,0 +1,62 @@
+"""`dgg bench NAME [--seeds 3] [key=value ...]`: the paper's experiments as resumable benchmark runs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from dgg.experiments import EXPERIMENTS
+
+    parser.add_argument("name", help=f"experiment: {', '.join(EXPERIMENTS)}")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    parser.add_argument("-c", "--config", default="demo", help="base config (YAML path or bundled name; default demo)")
+    parser.add_argument("--out", default=None, help="directory (default runs/bench/NAME)")
+    parser.add_argument("--force", action="store_true", help="re-run arms that already finished")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides applied to every arm")
+
+
+def run(args: argparse.Namespace) -> int:
+    from dgg.commands.report import build_report
+    from dgg.config import ConfigError, load_config
+    from dgg.experiments import EXPERIMENTS, run_arm
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.name not in EXPERIMENTS:
+        print(f"dgg bench: error: unknown experiment {args.name!r}; choose one of {', '.join(EXPERIMENTS)}",
+              file=sys.stderr)
+        return 2
+    if args.seeds < 1:
+        print("dgg bench: error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    out = Path(args.out or f"runs/bench/{args.name}")
+    overrides = list(args.overrides)
+    started = time.perf_counter()
+    try:
+        config = load_config(args.config, overrides)
+        if config.model.path == "default":
+            from dgg.warmstart import WarmstartConfig, warmstart
+
+            overrides.append(f"model.path={warmstart(WarmstartConfig())}")
+        arms = EXPERIMENTS[args.name](config)
+        seeds = list(range(args.seeds))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "experiment.json").write_text(json.dumps({
+            "name": args.name, "config": str(args.config), "overrides": overrides, "seeds": seeds,
+            "arms": [{"name": a.name, "label": a.label, "overrides": list(a.overrides), "baseline": a.baseline}
+                     for a in arms]}, indent=2))
+        total = len(arms) * len(seeds)
+        for i, (seed, arm) in enumerate(((s, a) for s in seeds for a in arms), 1):
+            print(f"[{i}/{total}] {arm.label}, seed {seed}", flush=True)
+            run_arm(args.config, overrides, arm, seed, out, force=args.force)
+    except ConfigError as err:
+        print(f"dgg bench: error: {err}", file=sys.stderr)
+        return 2
+    build_report(out)
+    print(f"report: {out / 'report.md'}  ({time.perf_counter() - started:.0f} s)")
+    return 0

@@ -1,0 +1,104 @@
+"""`dgg report runs/bench/NAME`: tables and figures of a benchmark, from its metrics files alone."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("directory", help="a directory written by `dgg bench` (holds experiment.json)")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        text = build_report(Path(args.directory))
+    except (FileNotFoundError, ValueError) as err:
+        print(f"dgg report: error: {err}", file=sys.stderr)
+        return 2
+    print(text)
+    return 0
+
+
+def _fmt(mean, std=None, digits=3, missing=0, total=None) -> str:
+    if mean is None:
+        return "never reached" if missing else "—"
+    text = f"{mean:.{digits}f}"
+    if std is not None:
+        text += f" ± {std:.{digits}f}"
+    if missing:
+        text += f" ({total - missing}/{total} reached)"
+    return text
+
+
+def build_report(out: Path) -> str:
+    """Write report.md, summary.json and figures for a benchmark directory; return the Markdown."""
+    from dgg.analysis import SIGNAL_KEYS, degradation_onset, eval_points, signal_firings
+    from dgg.config import load_config
+    from dgg.experiments import Arm, aggregate, run_dir_for, summarise
+    from dgg.plots import plot_accuracy, plot_signals
+
+    spec_path = out / "experiment.json"
+    if not spec_path.is_file():
+        raise FileNotFoundError(f"{spec_path} does not exist: is {out} a `dgg bench` directory?")
+    spec = json.loads(spec_path.read_text())
+    arms = [Arm(a["name"], a["label"], tuple(a["overrides"]), a["baseline"]) for a in spec["arms"]]
+    finished = [s for s in spec["seeds"] if all((run_dir_for(out, a, s) / "done.json").is_file() for a in arms)]
+    if not finished:
+        raise ValueError(f"{out}: no seed has finished all {len(arms)} arms yet")
+    summaries, records = summarise(out, arms, finished)
+    aggregated = aggregate(summaries)
+    labels = {a.name: a.label for a in arms}
+    plot_accuracy(records, out / "fig_accuracy.png", labels)
+    n = len(finished)
+    lines = [f"# dgg bench {spec['name']}", "",
+             f"Config `{spec['config']}` with overrides {spec['overrides'] or 'none'}; seeds {finished}"
+             f"{' (of ' + str(spec['seeds']) + ')' if len(finished) < len(spec['seeds']) else ''}. "
+             "Mean ± std over seeds. Speedups (paper Table 1, footnote 6): the baseline's cost to first reach its "
+             "converged accuracy (mean of its last five evaluations) divided by the arm's cost to reach it, "
+             "per seed.", "",
+             "| arm | converged acc. | peak | rollout speedup | wall-clock speedup | collapsed | discards | "
+             "updates/batch | training time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        a = aggregated[arm.name]
+        lines.append(
+            f"| {arm.label} | {_fmt(a['converged_accuracy']['mean'], a['converged_accuracy']['std'])} | "
+            f"{_fmt(a['peak_accuracy']['mean'])} | "
+            f"{_fmt(a['rollout_speedup']['mean'], a['rollout_speedup']['std'], 2, a['rollout_speedup']['missing'], n)} | "
+            f"{_fmt(a['wall_clock_speedup']['mean'], a['wall_clock_speedup']['std'], 2, a['wall_clock_speedup']['missing'], n)} | "
+            f"{a['collapsed_seeds']}/{n} | {_fmt(a['discards']['mean'], digits=1)} | "
+            f"{_fmt(a['mean_reuse_per_batch']['mean'], digits=2)} | {_fmt(a['wall_time']['mean'], digits=0)} |")
+    lines += ["", "A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than 0.10.",
+              "", "![accuracy](fig_accuracy.png)", ""]
+    summary = {"experiment": spec, "seeds_finished": finished, "arms": aggregated}
+
+    reuse_arms = [a for a in arms if a.name not in ("single",) and not a.name.startswith("single_")]
+    if spec["name"] == "signals":
+        config = load_config(spec["config"], spec["overrides"])
+        tau, window = config.reuse.tau, config.reuse.window
+        plot_signals({a.name: records[a.name][0] for a in reuse_arms}, out / "fig_signals.png", labels)
+        lines += [f"## When each signal would have fired (z-score rule of Eq. 8, τ = {tau:g}, window {window})", "",
+                  "| seed | signal | onset of degradation (rollouts) | first firing | firings before onset | "
+                  "firings after onset |", "|---|---|---|---|---|---|"]
+        firings = {}
+        for arm in reuse_arms:
+            for seed, run in zip(finished, records[arm.name]):
+                onset = degradation_onset(eval_points(run))
+                onset_at = onset.rollouts if onset else None
+                for key in SIGNAL_KEYS:
+                    fired = signal_firings(run, key, tau, window)
+                    before = sum(1 for f in fired if onset_at is not None and f <= onset_at)
+                    after = sum(1 for f in fired if onset_at is not None and f > onset_at)
+                    firings[f"{arm.name}/seed{seed}/{key}"] = fired
+                    lines.append(f"| {seed} | {key} | {onset_at if onset_at is not None else 'no collapse'} | "
+                                 f"{fired[0] if fired else 'never'} | {before if onset_at else '—'} | "
+                                 f"{after if onset_at else len(fired)} |")
+        lines += ["", "![signals](fig_signals.png)", ""]
+        summary["signal_firings"] = firings
+
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    text = "\n".join(lines)
+    (out / "report.md").write_text(text)
+    return text
