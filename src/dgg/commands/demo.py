@@ -115,7 +115,7 @@ def render_report(summary: dict, config) -> str:
         "gate discards | updates/batch |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for arm, s in summary["arms"].items():
+    for _arm, s in summary["arms"].items():
         std = s["std"]
         lines.append(
             f"| {s['label']} | {_fmt(s['converged_accuracy'])} ± {_fmt(std['converged_accuracy'])} | "
