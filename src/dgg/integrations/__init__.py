@@ -1,0 +1,1 @@
+"""Adapters that put the gradient gate inside other training frameworks."""

@@ -1,0 +1,276 @@
+"""Dynamic Gradient Gating inside Hugging Face TRL: drop-in ``GRPOConfig`` / ``GRPOTrainer`` subclasses.
+
+Turning DGG on is a two-line change for a TRL user::
+
+    from dgg.integrations.trl import DGGGRPOConfig, DGGGRPOTrainer   # instead of GRPOConfig, GRPOTrainer
+    trainer = DGGGRPOTrainer(model, reward_funcs, args=DGGGRPOConfig(num_iterations=4, ...), train_dataset=ds)
+
+What it does (paper §5, Algorithm 1 in Appendix C, Appendix G.2), once per optimizer step:
+
+1. after the last backward of the step (the synchronising micro-step, gradients already all-reduced under DDP)
+   and *before* gradient clipping, read g_t = ‖G_lm‖²_F from :class:`dgg.LMHeadGradProbe`;
+2. ``decision = gate.observe(g_t, k)`` with k the 1-based reuse index of Algorithm 1 (see
+   :func:`reuse_index_of_step`);
+3. on ``decision.discard``: set every gradient to ``None`` (so AdamW's moments and step count stay untouched)
+   and move TRL's micro-step counter to the next generation boundary, so the next step trains on a freshly
+   generated batch instead of reusing this one.
+
+TRL's reuse loop is driven by two counters, which this module reads and never duplicates:
+``GRPOTrainer._step`` (micro-steps done, incremented at the end of ``training_step``) and the config's
+``steps_per_generation`` × ``num_iterations`` (the length, in micro-steps, of one generation batch's life).
+See ``docs/trl.md`` for the exact semantics, including what happens to the prompts of an abandoned batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from dataclasses import dataclass, field
+
+try:
+    from trl import GRPOConfig, GRPOTrainer
+except ImportError as error:  # trl is an optional extra
+    raise ImportError(
+        "dgg.integrations.trl needs TRL, which is an optional extra of dgg: pip install dgg[trl]"
+    ) from error
+
+from accelerate.utils import DistributedType, broadcast
+
+from dgg.gate import HISTORY_MODES, GradientGate
+
+GATE_STATE_FILE = "dgg_gate_state.json"
+
+
+def reuse_index_of_step(micro_steps_done: int, steps_per_generation: int, num_iterations: int) -> int:
+    """k of Algorithm 1 (1-based) for the optimizer step that has just finished its backward passes.
+
+    TRL buffers one generation batch, cut into ``steps_per_generation`` micro-batches, and trains on it for
+    ``num_iterations`` (= K) passes, so one batch lives for ``steps_per_generation * num_iterations``
+    micro-steps and is regenerated whenever ``GRPOTrainer._step`` is a multiple of that. With
+    ``micro_steps_done`` = ``_step`` right after the synchronising micro-step (the last of the
+    ``gradient_accumulation_steps`` micro-steps of this optimizer step)::
+
+        k = ((micro_steps_done - 1) mod (steps_per_generation * num_iterations)) // steps_per_generation + 1
+
+    i.e. which pass over the buffered batch this step belongs to. Every micro-step of an optimizer step lies in
+    the same pass because :class:`DGGGRPOConfig` requires ``steps_per_generation`` to be a multiple of
+    ``gradient_accumulation_steps``. Example: ``gradient_accumulation_steps=2, steps_per_generation=4,
+    num_iterations=2`` gives k = 1, 1, 2, 2, 1, 1, 2, 2, … for optimizer steps 1, 2, 3, …
+    """
+    if micro_steps_done < 1:
+        raise ValueError(f"micro_steps_done must be >= 1 (got {micro_steps_done})")
+    offset = (micro_steps_done - 1) % (steps_per_generation * num_iterations)
+    return offset // steps_per_generation + 1
+
+
+def next_generation_boundary(micro_steps_done: int, steps_per_generation: int, num_iterations: int) -> int:
+    """The smallest multiple of ``steps_per_generation * num_iterations`` that is >= ``micro_steps_done``.
+
+    Setting ``GRPOTrainer._step`` to it makes TRL's own ``_prepare_inputs`` regenerate on the next micro-step
+    and take the first slice of the new batch: reuse of the current batch ends here.
+    """
+    life = steps_per_generation * num_iterations
+    return -(-micro_steps_done // life) * life
+
+
+@dataclass
+class DGGGRPOConfig(GRPOConfig):
+    """``GRPOConfig`` plus the settings of Dynamic Gradient Gating.
+
+    ``num_iterations`` is K of Algorithm 1 (the maximum number of passes over one generation batch); DGG only
+    acts when it is > 1 (or on a non-finite gradient energy).
+    """
+
+    dgg_enabled: bool = field(
+        default=True,
+        metadata={"help": "Gate reuse steps on the lm_head gradient energy. False trains exactly like GRPOTrainer."},
+    )
+    """Gate reuse steps on the lm_head gradient energy. ``False`` trains exactly like ``GRPOTrainer``."""
+
+    dgg_tau: float = field(
+        default=0.5,
+        metadata={"help": "Anomaly threshold tau of Eq. 8; a reuse step with z > tau is discarded. inf: never."},
+    )
+    """Anomaly threshold τ of Eq. 8: a reuse step (k > 1) with z_t > τ is discarded. The paper picks τ from
+    {0.1, 0.5, 1.0}; ``float('inf')`` discards nothing finite."""
+
+    dgg_window: int = field(
+        default=20,
+        metadata={"help": "W: how many past accepted energy increments form the running mean/std (paper: 20)."},
+    )
+    """W of Appendix G.2: how many past accepted increments Δg form μ_t and σ_t; gating starts once full."""
+
+    dgg_history: str = field(
+        default="all",
+        metadata={"help": "Which accepted increments enter the window: 'all' (paper) or 'reuse' (only k > 1)."},
+    )
+    """Which accepted increments enter the window: ``"all"`` (the paper's rule) or ``"reuse"`` (only k > 1)."""
+
+    dgg_tied: str = field(
+        default="output",
+        metadata={"help": "How LMHeadGradProbe reads a tied lm_head/embedding gradient (see dgg.LMHeadGradProbe)."},
+    )
+    """How :class:`dgg.LMHeadGradProbe` reads the gradient of an lm_head tied to the input embedding."""
+
+    def __post_init__(self):
+        super().__post_init__()  # derives steps_per_generation, which the check below needs
+        if not isinstance(self.dgg_enabled, bool):
+            raise ValueError(f"dgg_enabled must be True or False (got {self.dgg_enabled!r})")
+        tau = self.dgg_tau
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or tau == -math.inf:
+            raise ValueError(f"dgg_tau must be a real number or +inf (got {tau!r})")
+        if isinstance(self.dgg_window, bool) or not isinstance(self.dgg_window, int) or self.dgg_window < 2:
+            raise ValueError(f"dgg_window must be an integer >= 2 (got {self.dgg_window!r})")
+        if self.dgg_history not in HISTORY_MODES:
+            raise ValueError(f"dgg_history must be one of {HISTORY_MODES} (got {self.dgg_history!r})")
+        _validate_tied(self.dgg_tied)
+        if self.dgg_enabled and self.steps_per_generation % self.gradient_accumulation_steps != 0:
+            raise ValueError(
+                f"DGG needs steps_per_generation ({self.steps_per_generation}) to be a multiple of "
+                f"gradient_accumulation_steps ({self.gradient_accumulation_steps}), so that each optimizer step "
+                "lies inside one pass over the generation batch and has a single reuse index k. Leave both "
+                "steps_per_generation and generation_batch_size unset (TRL then uses one generation batch per "
+                "optimizer step), or set dgg_enabled=False."
+            )
+
+
+def _validate_tied(tied: object) -> None:
+    # The probe owns the list of tied-head modes; use it when it publishes one.
+    try:
+        from dgg import probe
+    except ImportError:
+        probe = None
+    allowed = getattr(probe, "TIED_MODES", None)
+    if not isinstance(tied, str) or not tied or (allowed is not None and tied not in allowed):
+        raise ValueError(f"dgg_tied must be one of {allowed or 'the modes of dgg.LMHeadGradProbe'} (got {tied!r})")
+
+
+class DGGGRPOTrainer(GRPOTrainer):
+    """``GRPOTrainer`` with Dynamic Gradient Gating of its sample reuse (paper Algorithm 1).
+
+    Takes exactly the arguments of ``GRPOTrainer``; ``args`` must be a :class:`DGGGRPOConfig` (or ``None``
+    for its defaults). With ``dgg_enabled=False`` it is the stock trainer, step for step.
+
+    The gate is read in :meth:`training_step`, the one hook of ``transformers.Trainer`` that runs after the
+    backward of every micro-step and before gradient clipping and ``optimizer.step()`` (both happen in the
+    training loop right after it returns). On the synchronising micro-step (``accelerator.sync_gradients``)
+    the gradients are complete: accumulated over ``gradient_accumulation_steps`` and, under DDP, all-reduced.
+    TRL callbacks (``on_pre_optimizer_step``) come after clipping, so they cannot see g_t unclipped.
+
+    Attributes:
+        dgg_gate: the :class:`dgg.GradientGate`; ``None`` when DGG is disabled.
+        dgg_last_decision: the :class:`dgg.GateDecision` of the latest optimizer step (``None`` before the first).
+    """
+
+    def __init__(self, model, reward_funcs=None, args: DGGGRPOConfig | None = None, *positional, **kwargs):
+        if args is None:
+            model_name = model if isinstance(model, str) else model.config._name_or_path
+            args = DGGGRPOConfig(f"{str(model_name).rstrip('/').split('/')[-1]}-GRPO-DGG")
+        if not isinstance(args, DGGGRPOConfig):
+            raise TypeError(
+                f"DGGGRPOTrainer needs args=DGGGRPOConfig(...), got {type(args).__name__}; DGGGRPOConfig takes "
+                "every GRPOConfig argument plus dgg_enabled, dgg_tau, dgg_window, dgg_history and dgg_tied."
+            )
+        super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        self.dgg_gate: GradientGate | None = None
+        self.dgg_last_decision = None
+        self._dgg_probe = None
+        if not args.dgg_enabled:
+            return
+        _refuse_unsupported_distribution(self.accelerator.distributed_type)
+        self.dgg_gate = GradientGate(tau=args.dgg_tau, window=args.dgg_window, history=args.dgg_history)
+
+    # ---- the gate, once per optimizer step -------------------------------------------------------------
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)  # forward + backward; TRL's _step += 1
+        if self.dgg_gate is not None and self.accelerator.sync_gradients:
+            self._gate_optimizer_step(model)
+        return loss
+
+    def _gate_optimizer_step(self, model) -> None:
+        """Algorithm 1, lines 5–9, between the last backward and the optimizer of one optimizer step."""
+        reuse_index = reuse_index_of_step(self._step, self.args.steps_per_generation, self.num_iterations)
+        energy = self._lm_head_grad_energy()
+        self._dgg_probe.reset()
+        decision = self.dgg_gate.observe(energy, reuse_index)
+        if decision.discard:
+            # Gradient discard: with every .grad None, clipping sees nothing and AdamW skips every parameter,
+            # so its moments and step counts are untouched. The LR scheduler and global_step still advance.
+            model.zero_grad(set_to_none=True)
+            # Reuse termination: TRL regenerates when _step reaches a multiple of steps_per_generation * K.
+            self._step = next_generation_boundary(self._step, self.args.steps_per_generation, self.num_iterations)
+        self.dgg_last_decision = decision
+        self._log_gate(decision, reuse_index)
+
+    def _lm_head_grad_energy(self) -> float:
+        """g_t = ‖G_lm‖²_F of the gradient the optimizer would apply, identical on every process."""
+        energy = self._dgg_probe.energy().detach().float()
+        scaler = getattr(self.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # fp16: grads are still multiplied by the loss scale
+            energy = energy / float(scaler.get_scale()) ** 2
+        if self.accelerator.num_processes > 1:
+            # All-reduced DDP grads give every rank the same value already; taking rank 0's makes agreement
+            # structural, since one rank discarding alone would desynchronise the replicas.
+            energy = broadcast(energy.to(self.accelerator.device).reshape(1), from_process=0)
+        return float(energy.reshape(()).item())
+
+    def _log_gate(self, decision, reuse_index: int) -> None:
+        # Per-step values are averaged over the logging interval by GRPOTrainer.log (gate/discard becomes the
+        # discard rate); counters are cumulative, so only the latest value is kept.
+        metrics = self._metrics["train"]
+        metrics["actor/lm_head_grad_energy"].append(decision.energy)
+        metrics["gate/z"].append(decision.z if decision.z is not None else math.nan)
+        metrics["gate/discard"].append(float(decision.discard))
+        metrics["gate/reuse_index"].append(float(reuse_index))
+        for name, count in self.dgg_gate.counters().items():
+            metrics[name] = [float(count)]
+
+    # ---- checkpoints carry the gate's statistics --------------------------------------------------------
+
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.dgg_gate is not None and self.args.should_save:
+            folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            with open(os.path.join(folder, GATE_STATE_FILE), "w") as file:
+                json.dump(self.dgg_gate.state_dict(), file)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        if self.dgg_gate is not None and checkpoint is not None:
+            path = os.path.join(checkpoint, GATE_STATE_FILE)
+            if os.path.exists(path):
+                with open(path) as file:
+                    self.dgg_gate.load_state_dict(json.load(file))
+
+    def train(self, *args, **kwargs):
+        # The probe lives for one train() call, so no hook outlasts training.
+        if self.dgg_gate is not None:
+            from dgg import LMHeadGradProbe
+
+            self._dgg_probe = LMHeadGradProbe(self.model, tied=self.args.dgg_tied)
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            if self._dgg_probe is not None:
+                self._dgg_probe.close()
+                self._dgg_probe = None
+
+
+def _refuse_unsupported_distribution(distributed_type: DistributedType) -> None:
+    if distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(
+            "DGGGRPOTrainer does not support DeepSpeed: its engine steps the optimizer inside backward(), so there "
+            "is no point between the gradient and the optimizer where the gate could discard, and ZeRO-2/3 "
+            "partition the lm_head gradient across ranks. Use DDP (plain accelerate launch), or set "
+            "dgg_enabled=False."
+        )
+    if distributed_type in (DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM):
+        warnings.warn(
+            f"DGGGRPOTrainer is untested under {distributed_type.value}; the gradient energy is only correct if "
+            "dgg.LMHeadGradProbe reads the full (unsharded) lm_head gradient there.",
+            stacklevel=3,
+        )
+
