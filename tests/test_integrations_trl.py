@@ -272,7 +272,7 @@ def test_gate_state_is_saved_with_checkpoints_and_restored(tiny_model_dir, tmp_p
     assert restored["increments"][1] == pytest.approx(restored["last_accepted_energy"] - saved["last_accepted_energy"])
 
 
-@pytest.mark.slow  # ~25 s on 2 shared cores, mostly process start-up
+# a real 2-process gloo group; ~25 s on 2 cores, mostly process start-up
 def test_two_processes_make_the_same_gate_decisions(tiny_model_dir, tmp_path):
     # `--cpu` would pick accelerate's single-process (MPI) launcher; `--multi_gpu` is its torchrun launcher, and
     # use_cpu=True in the config makes the two processes a gloo (MULTI_CPU) DDP group.
