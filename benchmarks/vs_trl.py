@@ -1,0 +1,109 @@
+"""Throughput of dgg's reference trainer against TRL's GRPOTrainer on identical work, in the same run.
+
+    python benchmarks/vs_trl.py [--model DIR] [--batches 20] [--repeats 3] [--threads 2]
+
+Same model directory (default: the embedded default from `dgg warmstart`), same task (chain_sum, bare prompts),
+same batch shape (P prompts × G completions, ≤ max_new_tokens, temperature 1.0), single-use GRPO (one update
+per generation batch), the same number of updates, no evaluation, no checkpoints. Reports completions/s and
+updates/s of each, median over interleaved repeats, and the ratio dgg / TRL (> 1 means dgg is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+
+def run_dgg(model_dir: str, prompts: int, group: int, tokens: int, batches: int) -> dict:
+    from dgg.config import load_config
+    from dgg.trainer import GRPOTrainer
+
+    config = load_config("demo", [f"model.path={model_dir}", f"rollout.prompts_per_batch={prompts}",
+                                  f"rollout.group_size={group}", f"rollout.max_new_tokens={tokens}",
+                                  f"train.max_batches={batches}", "reuse.mode=single", "eval.every=0",
+                                  "profile.weights_every=0", "output.progress=false", "train.threads=null",
+                                  f"output.dir={tempfile.mkdtemp(prefix='dgg-vs-trl-')}"])
+    trainer = GRPOTrainer(config)
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "completions": trainer.state.rollouts, "updates": trainer.state.updates}
+
+
+def run_trl(model_dir: str, prompts: int, group: int, tokens: int, batches: int) -> dict:
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from dgg.tasks import TaskConfig, make_task
+
+    task = make_task(TaskConfig(name="chain_sum", options={"min_terms": 2, "max_terms": 2, "min_digits": 1,
+                                                           "max_digits": 2}))
+    rows = [task.problem("train", i) for i in range(prompts * batches)]
+    dataset = Dataset.from_dict({"prompt": [p.prompt for p in rows], "answer": [p.answer for p in rows]})
+
+    def reward(completions, answer, **kwargs):
+        return [task.reward(c, a)[0] for c, a in zip(completions, answer)]
+
+    config = GRPOConfig(output_dir=tempfile.mkdtemp(prefix="trl-vs-dgg-"), per_device_train_batch_size=prompts * group,
+                        num_generations=group, max_completion_length=tokens, num_iterations=1, max_steps=batches,
+                        learning_rate=1e-3, temperature=1.0, use_cpu=True, bf16=False, report_to=[],
+                        save_strategy="no", logging_steps=batches, disable_tqdm=True, seed=0, shuffle_dataset=False)
+    trainer = GRPOTrainer(model=model_dir, reward_funcs=reward, args=config, train_dataset=dataset,
+                          processing_class=AutoTokenizer.from_pretrained(model_dir))
+    start = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - start
+    return {"seconds": seconds, "completions": prompts * group * batches, "updates": trainer.state.global_step}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model directory (default: the embedded default, built if needed)")
+    parser.add_argument("--prompts", type=int, default=32)
+    parser.add_argument("--group", type=int, default=8)
+    parser.add_argument("--tokens", type=int, default=6)
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", help="also write the raw results here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = args.model
+    if model_dir is None:
+        from dgg.warmstart import WarmstartConfig, warmstart
+
+        model_dir = str(warmstart(WarmstartConfig()))
+    shape = (model_dir, args.prompts, args.group, args.tokens, args.batches)
+    results = {"dgg": [], "trl": []}
+    for _ in range(args.repeats):
+        results["dgg"].append(run_dgg(*shape))
+        results["trl"].append(run_trl(*shape))
+
+    def rate(name, key):
+        return statistics.median(r[key] / r["seconds"] for r in results[name])
+
+    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__}, python {sys.version.split()[0]}")
+    print(f"work: {args.batches} batches × {args.prompts} prompts × {args.group} completions, ≤ {args.tokens} "
+          f"tokens, single-use; median of {args.repeats} interleaved repeats\n")
+    print("| trainer | completions/s | updates/s | seconds (median) |")
+    print("|---|---|---|---|")
+    for name, label in (("dgg", "dgg reference trainer"), ("trl", "trl.GRPOTrainer")):
+        print(f"| {label} | {rate(name, 'completions'):.1f} | {rate(name, 'updates'):.2f} | "
+              f"{statistics.median(r['seconds'] for r in results[name]):.1f} |")
+    print(f"\nratio dgg / TRL (completions/s): {rate('dgg', 'completions') / rate('trl', 'completions'):.2f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
