@@ -8,19 +8,28 @@ import pytest
 import torch
 
 from dgg.cli import main
+from dgg.loss import clipped_surrogate_loss
+from dgg.rollout import completion_logprobs
 from dgg.theory import (
     ConstantsConfig,
     alpha_min_from_scale,
+    c_struct_p95,
+    capture_lm_head_input,
+    encode_probe_texts,
     expected_row_energy,
     final_norm_scale,
     find_final_norm,
     intermediate_linear_sites,
     measure_constants,
     measure_token,
+    merge_theorem2_terms,
     parse_layer_spec,
     per_pair_table,
     sample_token_positions,
+    softmax_error_sq_norm,
     summarise,
+    theorem2_metrics,
+    theorem2_terms,
 )
 from dgg.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
 
@@ -262,3 +271,228 @@ def test_cli_task_without_dgg_tasks_is_a_clear_error(model_dir, monkeypatch, cap
     monkeypatch.setitem(sys.modules, "dgg.tasks", None)  # makes the import fail
     assert main(["constants", "--model", str(model_dir), "--task", "arithmetic"]) == 2
     assert "--task needs dgg.tasks" in capsys.readouterr().err
+
+
+# --- C_struct trajectory (Fig. 6) ------------------------------------------------------------------------------
+
+PROBE_TEXTS = ["What is 3+4? 7.", "(12-5)*2=14", "9*9=81, so 81/9=9."]
+
+
+def test_c_struct_p95_equals_the_dgg_constants_summary(model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    prompts = tmp_path / "probe.txt"
+    prompts.write_text("\n".join(PROBE_TEXTS) + "\n")
+    out = tmp_path / "constants.json"
+    assert main(["constants", "--model", str(model_dir), "--prompts", str(prompts), "--tokens", "6",
+                 "--layers", "all", "--seed", "3", "--json", str(out)]) == 0
+    overall = json.loads(out.read_text())["summary"]["overall"]
+
+    policy = AutoModelForCausalLM.from_pretrained(model_dir)
+    policy.train()
+    policy.model.embed_tokens.weight.requires_grad_(False)  # a mixed pattern that must come back unchanged
+    # The tokenizer exactly as dgg constants loads it (AutoTokenizer on this directory), so the probe ids match.
+    probe = encode_probe_texts(AutoTokenizer.from_pretrained(model_dir), PROBE_TEXTS)
+    got = c_struct_p95(policy, probe, layers="all", tokens=6, seed=3, batch_size=32)
+    assert got["tokens"] == 6
+    assert got["c_struct_p95"] == pytest.approx(overall["c_struct"]["p95"], rel=1e-6)
+    assert got["c_struct_median"] == pytest.approx(overall["c_struct"]["median"], rel=1e-6)
+    assert got["grad_ratio_p95"] == pytest.approx(overall["grad_ratio"]["p95"], rel=1e-6)
+    again = c_struct_p95(policy, probe, layers="all", tokens=6, seed=3)  # other batch size: same value
+    assert again["c_struct_p95"] == pytest.approx(got["c_struct_p95"], rel=1e-5)
+    assert policy.training and not policy.model.embed_tokens.weight.requires_grad
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "embed_tokens" not in n)
+    assert all(p.grad is None for p in policy.parameters())
+
+
+def test_encode_probe_texts_validates(tokenizer):
+    assert [len(t) for t in encode_probe_texts(tokenizer, ["ab", "x", "abcdef"], max_length=4)] == [2, 4]
+    with pytest.raises(ValueError, match="max_length"):
+        encode_probe_texts(tokenizer, ["abc"], max_length=1)
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        encode_probe_texts(tokenizer, ["a"])
+
+
+# --- Theorem 2 live: ‖G_lm‖²_F ≤ c_max · mean(r²) -------------------------------------------------------------
+
+PROMPT_LENGTH, COMPLETION_LENGTH, COMPLETIONS = 3, 8, 6
+
+
+@pytest.fixture(scope="module")
+def policy(tokenizer):
+    """An untied tiny policy in training mode, every parameter trainable."""
+    model = build_tiny_model(tokenizer, SMALL, seed=5)
+    with torch.no_grad():  # a sharper, less uniform softmax than the 0.02-std init gives
+        model.lm_head.weight.mul_(20.0)
+    model.train()
+    return model
+
+
+def random_batch(vocab: int, seed: int):
+    """Random sampled tokens with a left-padded prompt row and padded completions, as ``sample_rollouts``
+    lays them out, plus advantages of both signs and log-ratios with r spread over [0.2, 5]."""
+    gen = torch.Generator().manual_seed(seed)
+    n, p, r = COMPLETIONS, PROMPT_LENGTH, COMPLETION_LENGTH
+    input_ids = torch.randint(4, vocab, (n, p + r), generator=gen)
+    lengths = torch.randint(1, r + 1, (n,), generator=gen)
+    lengths[0] = r
+    completion_mask = (torch.arange(r).unsqueeze(0) < lengths.unsqueeze(1)).float()
+    attention_mask = torch.cat([torch.ones(n, p), completion_mask], dim=1).long()
+    attention_mask[1, 0] = 0  # one left-padded prompt
+    advantages = torch.randn(n, generator=gen)
+    advantages[0], advantages[1] = abs(float(advantages[0])) + 0.1, -abs(float(advantages[1])) - 0.1
+    log_ratio = torch.empty(n, r).uniform_(math.log(0.2), math.log(5.0), generator=gen)
+    return input_ids, attention_mask, completion_mask, advantages, log_ratio
+
+
+def lm_head_energy_and_terms(policy, batch, temperature, clip_eps, clip_eps_high, micro_batch=None):
+    """Backward of the trainer's loss (micro-batched with weights T_k/T, as ``GRPOTrainer._backward``), the
+    lm_head weight-gradient energy, and the Theorem 2 terms from the captured head input."""
+    input_ids, attention_mask, completion_mask, advantages, log_ratio = batch
+    policy.zero_grad(set_to_none=True)
+    size = micro_batch or input_ids.shape[0]
+    total_tokens = float(completion_mask.sum())
+    parts, clip_ratios = [], []
+    for start in range(0, input_ids.shape[0], size):
+        rows = slice(start, start + size)
+        with capture_lm_head_input(policy) as capture:
+            logprobs = completion_logprobs(policy, input_ids[rows], attention_mask[rows], PROMPT_LENGTH,
+                                           temperature)
+        old_logprobs = logprobs.detach() - log_ratio[rows]
+        loss, stats = clipped_surrogate_loss(logprobs, old_logprobs, advantages[rows], completion_mask[rows],
+                                             clip_eps, clip_eps_high)
+        (loss * float(completion_mask[rows].sum()) / total_tokens).backward()
+        clip_ratios.append(float(stats["clip_ratio"]))
+        hidden = capture.hidden[:, PROMPT_LENGTH - 1:-1]
+        with torch.no_grad():
+            logits = policy.lm_head(hidden)
+        terms = theorem2_terms(hidden, logits, input_ids[rows, PROMPT_LENGTH:], advantages[rows],
+                               completion_mask[rows], logprobs.detach() - old_logprobs, temperature)
+        assert float(terms["r2_mean"]) == pytest.approx(float(stats["r2_mean"]), rel=1e-5)
+        parts.append(terms)
+    energy = float(policy.lm_head.weight.grad.double().pow(2).sum())
+    return energy, merge_theorem2_terms(parts), max(clip_ratios)
+
+
+def test_softmax_error_sq_norm_matches_the_one_hot_form():
+    gen = torch.Generator().manual_seed(0)
+    logits = 3 * torch.randn(5, 4, 11, generator=gen, dtype=torch.float64)
+    targets = torch.randint(0, 11, (5, 4), generator=gen)
+    logits[0, 0, targets[0, 0]] = 18.0  # π_a ≈ 1: 1 − 2π_a + Σπ² in float32 would give 0
+    for temperature in (1.0, 0.6):
+        probs = torch.softmax(logits / temperature, -1)
+        expected = (torch.nn.functional.one_hot(targets, 11) - probs).pow(2).sum(-1)
+        got = softmax_error_sq_norm(logits.float(), targets, temperature, chunk_rows=2)
+        assert got.shape == (5, 4)
+        assert torch.allclose(got.double(), expected, rtol=1e-5, atol=0)
+    assert float(softmax_error_sq_norm(torch.tensor([0.0, 0.0]), torch.tensor(1))) == pytest.approx(0.5)
+
+
+def test_capture_lm_head_input_is_the_last_hidden_state(policy):
+    input_ids, attention_mask, *_ = random_batch(policy.config.vocab_size, seed=0)
+    with capture_lm_head_input(policy) as capture:
+        out = policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    assert capture.calls == 1 and not capture.hidden.requires_grad
+    assert torch.equal(capture.hidden, out.hidden_states[-1].detach())
+    assert torch.allclose(policy.lm_head(capture.hidden), out.logits, atol=1e-6)
+    policy(input_ids=input_ids)
+    assert capture.calls == 1  # the hook is gone after the block
+
+
+def test_c_max_matches_a_per_token_loop(policy):
+    batch = random_batch(policy.config.vocab_size, seed=1)
+    input_ids, attention_mask, completion_mask, advantages, log_ratio = batch
+    with torch.no_grad(), capture_lm_head_input(policy) as capture:
+        policy(input_ids=input_ids, attention_mask=attention_mask)
+    hidden = capture.hidden[:, PROMPT_LENGTH - 1:-1]
+    logits = policy.lm_head(hidden).detach()
+    targets = input_ids[:, PROMPT_LENGTH:]
+    temperature = 0.7
+    terms = theorem2_terms(hidden, logits, targets, advantages, completion_mask, log_ratio, temperature)
+    brute, r2 = 0.0, []
+    for n in range(COMPLETIONS):
+        for t in range(COMPLETION_LENGTH):
+            if completion_mask[n, t] == 0:
+                continue
+            probs = torch.softmax(logits[n, t].double() / temperature, -1)
+            error = torch.nn.functional.one_hot(targets[n, t], probs.numel()).double() - probs
+            value = advantages[n].double() ** 2 * error.pow(2).sum() * hidden[n, t].double().pow(2).sum()
+            brute = max(brute, float(value) / temperature**2)
+            r2.append(math.exp(2 * float(log_ratio[n, t])))
+    assert float(terms["c_max"]) == pytest.approx(brute, rel=1e-5)
+    assert float(terms["r2_mean"]) == pytest.approx(sum(r2) / len(r2), rel=1e-5)
+    assert float(terms["tokens"]) == len(r2) == float(completion_mask.sum())
+    assert float(terms["bound"]) == pytest.approx(brute * sum(r2) / len(r2), rel=1e-5)
+    with_bias = theorem2_terms(hidden, logits, targets, advantages, completion_mask, log_ratio, temperature,
+                               lm_head_bias=True)
+    assert float(with_bias["c_max"]) > float(terms["c_max"])
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6])
+def test_one_unclipped_token_attains_the_bound(policy, temperature):
+    """T = 1 and r = 1: the gradient is exactly Â(e_a − π)hᵀ/τ, so energy = c_max (checks the 1/τ²)."""
+    input_ids, attention_mask, completion_mask, advantages, log_ratio = random_batch(policy.config.vocab_size, 2)
+    completion_mask = torch.zeros_like(completion_mask)
+    completion_mask[0, 3] = 1.0
+    batch = (input_ids, attention_mask, completion_mask, advantages, torch.zeros_like(log_ratio))
+    energy, terms, _ = lm_head_energy_and_terms(policy, batch, temperature, 0.2, None)
+    assert float(terms["tokens"]) == 1 and float(terms["r2_mean"]) == pytest.approx(1.0)
+    assert energy == pytest.approx(float(terms["bound"]), rel=1e-4)
+
+
+CLIP_SETTINGS = [(0.2, None), (0.2, 0.28), (0.01, 0.01)]  # the last clips most tokens
+
+
+def test_theorem2_bound_holds_on_random_batches(policy):
+    tightness = []
+    for seed in range(18):
+        temperature = (1.0, 0.6, 1.5)[seed % 3]
+        clip_eps, clip_eps_high = CLIP_SETTINGS[(seed // 3) % 3]
+        batch = random_batch(policy.config.vocab_size, seed=100 + seed)
+        energy, terms, clip_ratio = lm_head_energy_and_terms(policy, batch, temperature, clip_eps, clip_eps_high,
+                                                             micro_batch=(None, 4)[seed % 2])
+        bound = float(terms["bound"])
+        assert energy <= bound * (1 + 1e-5), (seed, energy, bound)
+        if clip_eps == 0.01:
+            assert clip_ratio > 0.3  # many tokens clipped, yet they still count in mean(r²)
+        metrics = theorem2_metrics(terms, energy)
+        assert metrics["theory/bound_violations"] == 0.0 and metrics["theory/bound_slack"] >= -1e-5 * bound
+        tightness.append(energy / bound)
+    tightness = torch.tensor(tightness)
+    print(f"Theorem 2 tightness energy/bound over {len(tightness)} batches: median "
+          f"{float(tightness.median()):.3g}, min {float(tightness.min()):.3g}, max {float(tightness.max()):.3g}")
+    assert float(tightness.max()) < 1.0 and float(tightness.median()) > 1e-3  # holds, and is not vacuous
+
+
+def test_micro_batches_merge_to_the_full_batch_terms(policy):
+    batch = random_batch(policy.config.vocab_size, seed=7)
+    full_energy, full, _ = lm_head_energy_and_terms(policy, batch, 0.8, 0.2, 0.28)
+    micro_energy, merged, _ = lm_head_energy_and_terms(policy, batch, 0.8, 0.2, 0.28, micro_batch=4)
+    assert micro_energy == pytest.approx(full_energy, rel=1e-4)
+    for key in ("c_max", "r2_mean", "bound", "tokens"):
+        assert float(merged[key]) == pytest.approx(float(full[key]), rel=1e-5)
+
+
+def test_theorem2_metrics_by_hand():
+    terms = {"c_max": torch.tensor(2.0), "r2_mean": torch.tensor(1.5), "bound": torch.tensor(3.0),
+             "tokens": torch.tensor(10.0)}
+    assert theorem2_metrics(terms, 1.2) == pytest.approx({
+        "theory/c_max": 2.0, "theory/r2_mean": 1.5, "theory/bound_slack": 1.8, "theory/bound_violations": 0.0,
+        "theory/energy_over_bound": 0.4})
+    assert theorem2_metrics(terms, 3.0001)["theory/bound_violations"] == 1.0
+    empty = merge_theorem2_terms([{"c_max": torch.tensor(0.0), "r2_mean": torch.tensor(0.0),
+                                   "bound": torch.tensor(0.0), "tokens": torch.tensor(0.0)}])
+    assert theorem2_metrics(empty, 0.0)["theory/bound_violations"] == 0.0
+
+
+def test_theorem2_terms_reject_bad_shapes():
+    hidden, logits = torch.zeros(2, 3, 4), torch.zeros(2, 3, 5)
+    targets, mask, log_ratio = torch.zeros(2, 3, dtype=torch.long), torch.ones(2, 3), torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="advantages"):
+        theorem2_terms(hidden, logits, targets, torch.zeros(3), mask, log_ratio)
+    with pytest.raises(ValueError, match="mask"):
+        theorem2_terms(hidden, logits, targets, torch.zeros(2), torch.ones(2, 4), log_ratio)
+    with pytest.raises(ValueError, match="temperature"):
+        theorem2_terms(hidden, logits, targets, torch.zeros(2), mask, log_ratio, temperature=0.0)
+    with pytest.raises(ValueError, match="hidden"):
+        theorem2_terms(hidden[0], logits, targets, torch.zeros(2), mask, log_ratio)

@@ -148,11 +148,10 @@ def print_table(result: dict, console) -> None:
 
 
 def run(args) -> int:
-    import torch
     from rich.console import Console
     from rich.progress import Progress
 
-    from dgg.theory import ConstantsConfig, measure_constants, summarise
+    from dgg.theory import ConstantsConfig, encode_probe_texts, measure_constants, summarise
 
     console = Console()
     if not console.is_terminal:  # piped or logged: do not squeeze the table into 80 columns
@@ -167,11 +166,7 @@ def run(args) -> int:
         texts = read_prompts(args.prompts) if args.prompts else task_prompts(args.task, args.texts)
         device = pick_device(args.device)
         tokenizer, model = load_model(args.model, args.dtype, device)
-        texts_ids = [torch.tensor(tokenizer(t, truncation=True, max_length=args.max_length).input_ids,
-                                  device=device) for t in texts]
-        texts_ids = [ids for ids in texts_ids if ids.shape[0] >= 2]
-        if not texts_ids:
-            raise ValueError("no held-out text has at least 2 tokens")
+        texts_ids = encode_probe_texts(tokenizer, texts, args.max_length, device)
         start = time.perf_counter()
         with Progress(transient=True, console=Console(stderr=True)) as progress:
             bar = progress.add_task("measuring tokens", total=min(args.tokens, sum(len(t) - 1 for t in texts_ids)))
