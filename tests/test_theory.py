@@ -279,7 +279,9 @@ PROBE_TEXTS = ["What is 3+4? 7.", "(12-5)*2=14", "9*9=81, so 81/9=9."]
 
 
 def test_c_struct_p95_equals_the_dgg_constants_summary(model_dir, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from dgg.tiny import load_tokenizer
 
     prompts = tmp_path / "probe.txt"
     prompts.write_text("\n".join(PROBE_TEXTS) + "\n")
@@ -291,8 +293,8 @@ def test_c_struct_p95_equals_the_dgg_constants_summary(model_dir, tmp_path):
     policy = AutoModelForCausalLM.from_pretrained(model_dir)
     policy.train()
     policy.model.embed_tokens.weight.requires_grad_(False)  # a mixed pattern that must come back unchanged
-    # The tokenizer exactly as dgg constants loads it (AutoTokenizer on this directory), so the probe ids match.
-    probe = encode_probe_texts(AutoTokenizer.from_pretrained(model_dir), PROBE_TEXTS)
+    # The tokenizer exactly as dgg constants loads it, so the probe ids match.
+    probe = encode_probe_texts(load_tokenizer(str(model_dir)), PROBE_TEXTS)
     got = c_struct_p95(policy, probe, layers="all", tokens=6, seed=3, batch_size=32)
     assert got["tokens"] == 6
     assert got["c_struct_p95"] == pytest.approx(overall["c_struct"]["p95"], rel=1e-6)

@@ -27,3 +27,14 @@ def test_tiny_model_is_deterministic_and_saves_as_hf_directory(tmp_path):
 def test_tied_variant_shares_the_output_embedding():
     model = build_tiny_model(build_char_tokenizer(), TinyModelConfig(tie_word_embeddings=True))
     assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+
+
+def test_saved_tokenizer_reloads_exactly_with_spaces(tmp_path):
+    from dgg.tiny import load_tokenizer
+
+    tok = build_char_tokenizer()
+    build_tiny_model(tok, TinyModelConfig(hidden_size=16, intermediate_size=32)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    loaded = load_tokenizer(str(tmp_path))
+    assert loaded("a b").input_ids == tok("a b").input_ids and len(loaded("a b").input_ids) == 3
+    assert loaded.padding_side == "left" and loaded.eos_token == "<eos>"

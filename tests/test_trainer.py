@@ -64,14 +64,23 @@ def test_each_mode_runs_end_to_end_from_the_cli(tiny_model_dir, tmp_path, mode, 
     assert summary["batches"] == 2 and summary["rollouts"] == 32
 
 
-def test_weights_records_cover_components(tiny_model_dir, tmp_path):
+def test_weights_and_theory_records(tiny_model_dir, tmp_path):
     trainer = make_trainer(tiny_model_dir, tmp_path, "train.max_batches=2", "reuse.mode=fixed",
-                           "reuse.max_reuse=2")
+                           "reuse.max_reuse=2", "profile.c_struct_every=2", "profile.c_struct_tokens=2")
     trainer.train()
-    weights = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "weights"]
+    records = read_metrics(trainer.run_dir)
+    weights = [r for r in records if r["kind"] == "weights"]
     assert len(weights) == 2
     assert {"weights/lm_head", "weights/attn", "weights/mlp", "weights/embed", "weights/norm"} <= set(weights[0])
     assert all(r["weights/lm_head"] > 0 for r in weights)
+    # Theorem 2 holds on every update: ‖G_lm‖² ≤ c_max·mean(r²)
+    updates = [r for r in records if r["kind"] == "update"]
+    assert all(r["theory/bound_slack"] >= -1e-5 * r["theory/c_max"] * r["theory/r2_mean"] for r in updates)
+    assert all(0 < r["theory/energy_over_bound"] <= 1 + 1e-5 for r in updates)
+    assert updates[-1]["theory/bound_violations"] == 0 and trainer.state.bound_violations == 0
+    assert all(r["actor/chi2"] == pytest.approx(r["theory/r2_mean"] - 1, abs=1e-5) for r in updates)
+    c_struct = [r for r in records if r["kind"] == "theory"]
+    assert len(c_struct) == 1 and c_struct[0]["theory/c_struct_p95"] > 0
 
 
 def optimizer_snapshot(optimizer):

@@ -184,6 +184,18 @@ class ProfileConfig:
     """Δ of Fig. 1: log relative weight change per component every N applied updates (0 disables)."""
     snapshot_on_cpu: bool = True
     """Keep the one weight snapshot the profiler needs in CPU memory rather than on the accelerator."""
+    theorem2: bool = True
+    """Check Theorem 2 live: log theory/c_max, theory/r2_mean, theory/bound_slack per update (costs one extra
+    no-grad lm_head matmul per micro-batch). Skipped when loss.kl_coef > 0 or the probe reads a tied total."""
+    c_struct_every: int = 0
+    """Log theory/c_struct_p95 (Fig. 6) every N batches on a fixed probe set of held-out prompts (0 disables)."""
+    c_struct_tokens: int = 8
+    """Token positions sampled for each C_struct measurement."""
+
+    def __post_init__(self):
+        _check(self.weights_every >= 0, "profile.weights_every", "an integer >= 0", self.weights_every)
+        _check(self.c_struct_every >= 0, "profile.c_struct_every", "an integer >= 0", self.c_struct_every)
+        _check(self.c_struct_tokens >= 1, "profile.c_struct_tokens", "an integer >= 1", self.c_struct_tokens)
 
 
 @dataclass

@@ -29,9 +29,9 @@ def build_char_tokenizer(characters: str = DEFAULT_CHARACTERS):
     core.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
     core.decoder = decoders.Fuse()
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>",
+        padding_side="left",  # decoder-only generation pads on the left
     )
-    tokenizer.padding_side = "left"  # decoder-only generation pads on the left
     return tokenizer
 
 
@@ -71,3 +71,23 @@ def build_tiny_model(tokenizer, config: TinyModelConfig = TinyModelConfig(), see
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     return model
+
+
+def load_tokenizer(path: str):
+    """``AutoTokenizer.from_pretrained``, except for tokenizers saved from a bare ``tokenizers`` object.
+
+    transformers picks the tokenizer class from the model type in config.json (Qwen2Tokenizer for our tiny
+    Qwen2 models), which re-interprets such a vocabulary and drops spaces; those directories say
+    ``"tokenizer_class": "TokenizersBackend"`` and load exactly with ``PreTrainedTokenizerFast``.
+    """
+    import json
+    from pathlib import Path
+
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    config_file = Path(path) / "tokenizer_config.json"
+    if config_file.is_file():
+        saved_class = json.loads(config_file.read_text()).get("tokenizer_class")
+        if saved_class in ("TokenizersBackend", "PreTrainedTokenizerFast"):
+            return PreTrainedTokenizerFast.from_pretrained(path)
+    return AutoTokenizer.from_pretrained(path)

@@ -28,6 +28,7 @@ from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
 from dgg.rollout import RolloutBatch, completion_logprobs, sample_rollouts, score_old_policy
 from dgg.tasks import Problem, make_task, safe_reward
+from dgg.theory import capture_lm_head_input, merge_theorem2_terms, theorem2_metrics, theorem2_terms
 
 log = logging.getLogger("dgg.trainer")
 
@@ -56,7 +57,9 @@ def resolve_model_path(path: str) -> str:
 
 def load_policy(config: ModelConfig, weights_from: str | None = None):
     """Load (model, tokenizer) from a local directory or hub name, with a message that names the field."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from dgg.tiny import load_tokenizer
 
     path = weights_from or resolve_model_path(config.path)
     local = Path(path).expanduser()
@@ -67,7 +70,7 @@ def load_policy(config: ModelConfig, weights_from: str | None = None):
         raise ConfigError(f"model.path {path!r} is not a Hugging Face model directory (no config.json)")
     dtype = getattr(torch, config.dtype)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else path)
+        tokenizer = load_tokenizer(str(local) if local.exists() else path)
         model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path, dtype=dtype)
     except OSError as err:
         raise ConfigError(f"could not load model.path {path!r}: {err}") from err
@@ -100,6 +103,7 @@ class RunState:
     attempts: int = 0  # update attempts (applied + discarded + skipped)
     nonfinite_skips: int = 0
     reward_errors: int = 0
+    bound_violations: int = 0  # updates whose lm_head energy exceeded Theorem 2's bound
 
 
 class MetricsWriter:
@@ -185,6 +189,12 @@ class GRPOTrainer:
             if config.profile.weights_every else None
         self.state = RunState()
         self._clock = time.perf_counter()
+        head = model.get_output_embeddings()
+        tied_total = config.reuse.tied == "total" and head.weight is model.get_input_embeddings().weight
+        # Theorem 2 bounds the policy-gradient loss alone, on the output projection's gradient.
+        self.check_theorem2 = config.profile.theorem2 and config.loss.kl_coef == 0 and not tied_total
+        self._lm_head_bias = getattr(head, "bias", None) is not None
+        self._theorem2_parts: list[dict] = []
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -210,6 +220,8 @@ class GRPOTrainer:
                 if cfg.eval.every and (self.state.batch % cfg.eval.every == 0
                                        or self.state.batch == cfg.train.max_batches):
                     self.evaluate()
+                if cfg.profile.c_struct_every and self.state.batch % cfg.profile.c_struct_every == 0:
+                    self.measure_c_struct()
                 if cfg.train.checkpoint_every and self.state.batch % cfg.train.checkpoint_every == 0:
                     self.save_checkpoint()
                 progress.update(1)
@@ -217,6 +229,9 @@ class GRPOTrainer:
                                      discards=self.gate.discards_by_reason.get("zscore", 0))
             if not cfg.train.checkpoint_every or self.state.batch % cfg.train.checkpoint_every:
                 self.save_checkpoint()
+            if self.state.bound_violations:
+                log.warning("Theorem 2's bound was exceeded on %d updates (theory/bound_violations)",
+                            self.state.bound_violations)
         finally:
             progress.close()
             self.metrics.close()
@@ -284,12 +299,14 @@ class GRPOTrainer:
         self.state.attempts += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.probe.reset()
+        self._theorem2_parts = []
         loss, stats = self._backward(batch)  # line 4
 
         if not math.isfinite(loss):
             return self._skip(batch, reuse_index, stats, loss, started, "non_finite_loss")
         energy = float(self.probe.energy())  # line 5: g_t, read before any clipping
         grad_norm = _global_grad_norm(self.optimizer)
+        stats.update(self._theorem2_check(energy))
         decision = self.gate.observe(energy, reuse_index)  # line 6
         if decision.discard or not math.isfinite(grad_norm):  # line 7
             reason = decision.reason if decision.discard else "non_finite_grad"
@@ -318,8 +335,11 @@ class GRPOTrainer:
             rows = slice(start, start + size)
             mask = batch.completion_mask[rows]
             weight = float(mask.sum()) / total_tokens  # this micro-batch's share of the 1/T average
-            logprobs = completion_logprobs(self.model, batch.input_ids[rows], batch.attention_mask[rows],
-                                           batch.prompt_length, cfg.rollout.temperature)
+            with capture_lm_head_input(self.model) as capture:
+                logprobs = completion_logprobs(self.model, batch.input_ids[rows], batch.attention_mask[rows],
+                                               batch.prompt_length, cfg.rollout.temperature)
+            if self.check_theorem2:
+                self._theorem2_parts.append(self._theorem2_terms(batch, rows, capture.hidden, logprobs))
             loss, stats = clipped_surrogate_loss(logprobs, batch.old_logprobs[rows], batch.advantages[rows], mask,
                                                  cfg.loss.clip_eps, cfg.loss.clip_eps_high)
             if self.reference is not None:
@@ -335,6 +355,24 @@ class GRPOTrainer:
                 previous = sums.get(key, -math.inf if reduce_max else 0.0)
                 sums[key] = max(previous, float(value)) if reduce_max else previous + float(value) * weight
         return loss_sum, sums
+
+    @torch.no_grad()
+    def _theorem2_terms(self, batch: RolloutBatch, rows: slice, hidden: torch.Tensor, logprobs: torch.Tensor):
+        hidden = hidden[:, batch.prompt_length - 1:-1]  # (n, R, d): the positions that predict completions
+        logits = self.model.get_output_embeddings()(hidden)
+        return theorem2_terms(hidden, logits, batch.input_ids[rows, batch.prompt_length:], batch.advantages[rows],
+                              batch.completion_mask[rows], logprobs.detach() - batch.old_logprobs[rows],
+                              self.config.rollout.temperature, lm_head_bias=self._lm_head_bias)
+
+    def _theorem2_check(self, energy: float) -> dict[str, float]:
+        """Theorem 2 on this update: ‖G_lm‖²_F ≤ c_max·mean(r²); a violation is counted, never hidden."""
+        parts, self._theorem2_parts = self._theorem2_parts, []
+        if not parts:
+            return {}
+        values = theorem2_metrics(merge_theorem2_terms(parts), energy)
+        self.state.bound_violations += int(values.pop("theory/bound_violations"))
+        values["theory/bound_violations"] = self.state.bound_violations
+        return values
 
     def _skip(self, batch, reuse_index, stats, loss, started, reason, energy=None, grad_norm=None,
               decision: GateDecision | None = None) -> bool:
@@ -365,7 +403,7 @@ class GRPOTrainer:
             "actor/pg_loss": _finite_or_none(loss),
             "actor/grad_norm": _finite_or_none(grad_norm),
             "actor/lm_head_grad_energy": _finite_or_none(energy),
-            **{f"actor/{k}": v for k, v in stats.items()},
+            **{(k if "/" in k else f"actor/{k}"): v for k, v in stats.items()},
             "actor/nonfinite_skips": self.state.nonfinite_skips,
             "gate/z": _finite_or_none(decision.z) if decision else None,
             "gate/delta": _finite_or_none(decision.delta) if decision else None,
@@ -420,6 +458,18 @@ class GRPOTrainer:
                                                 "perf/eval_seconds": time.perf_counter() - started})
         self._clock = time.perf_counter()
         return accuracy
+
+    def measure_c_struct(self) -> None:
+        """Fig. 6: the 95th-percentile C_struct on a fixed probe set of held-out prompts (clock stopped)."""
+        from dgg.theory import c_struct_p95, encode_probe_texts
+
+        self._tick()
+        texts = [self.task.problem("test", i).prompt + self.task.problem("test", i).answer for i in range(16)]
+        probe_ids = encode_probe_texts(self.tokenizer, texts, device=self.device)
+        values = c_struct_p95(self.model, probe_ids, tokens=self.config.profile.c_struct_tokens,
+                              seed=self.config.train.seed)
+        self.metrics.write("theory", self.state, {f"theory/{k}": v for k, v in values.items()})
+        self._clock = time.perf_counter()
 
     # --- checkpoints: written to a temporary directory, then renamed, so the last good one survives a crash ---
     def save_checkpoint(self) -> Path:

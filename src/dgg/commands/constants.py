@@ -93,12 +93,14 @@ def task_prompts(name: str, count: int) -> list[str]:
 
 def load_model(path: str, dtype_name: str, device):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
+
+    from dgg.tiny import load_tokenizer
 
     if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise ValueError(f"--model: model directory not found: {path}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name))
     except OSError as err:
         raise ValueError(f"--model: could not load a causal LM from {path}: {err}") from None
