@@ -119,7 +119,7 @@ def plot_signals(arms: dict[str, list[dict]], out: Path, labels: dict[str, str] 
         if onset is not None:
             for ax in axes:
                 ax.axvline(onset, color="red", ls="--", lw=1)
-    for ax, (key, title) in zip(axes, SIGNALS):
+    for ax, (_, title) in zip(axes, SIGNALS):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("rollouts")
         ax.grid(alpha=0.3)
