@@ -351,3 +351,10 @@ def test_close_and_context_manager(tokenizer):
     assert probe._lookups == []  # no hook fired
     with pytest.raises(RuntimeError, match="closed"):
         probe.energy()
+
+
+def test_deepspeed_zero3_parameters_are_refused(tokenizer):
+    model = build_tiny_model(tokenizer, TinyModelConfig(**SMALL))
+    model.lm_head.weight.ds_id = 7  # what ZeRO-3 attaches to its partitioned parameters
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        LMHeadGradProbe(model)

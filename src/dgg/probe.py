@@ -22,6 +22,13 @@ exactly, with no subtraction of large squared norms. The extra work per backward
 below one lm_head matmul (tokens · hidden · vocab); the read is one pass over W.grad, like the untied case.
 ``tied="total"`` returns ‖W.grad‖² instead (nothing hooked).
 
+What the tied split assumes: every lookup goes through the embedding *module* (a model called with
+``inputs_embeds`` built elsewhere contributes no lookup gradient, so nothing is removed — correct; a direct
+``F.embedding(ids, W)`` would be missed); :meth:`LMHeadGradProbe.reset` is called whenever the gradients are
+zeroed, or stale lookups from the previous update would be subtracted; ``torch.unique`` in the backward hook
+synchronises a GPU stream once per backward. Gradient checkpointing (re-entrant or not) and several forward
+passes per backward are handled: one record per backpropagated embedding call.
+
 Data parallel (the value is the same on every rank, and every rank must call :meth:`energy` — it is a
 collective whenever communication is needed):
 
@@ -36,6 +43,8 @@ collective whenever communication is needed):
   sharded mesh dimensions gives the global value. Tied ``"output"`` is supported on a 1-D mesh with the weight
   sharded by rows (``Shard(0)``, FSDP2's default): the ``(ids, rows)`` are all-gathered as above and each rank
   corrects the rows it owns. Gradient reduction is assumed to be the mean (FSDP2's default).
+- Ranks that do *not* average their gradients (independent runs sharing one process group) must not use tied
+  ``"output"``: the probe would mix their lookups. Untied and ``"total"`` are purely local there.
 - DeepSpeed ZeRO-3 parameters are refused at construction; under ZeRO-2 (or anything that frees ``.grad``
   after reducing it) the read raises because ``.grad`` is None. Use the host framework's own hook there.
 """
