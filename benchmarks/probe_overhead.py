@@ -9,10 +9,11 @@ For each model (the dgg.tiny default and a ~100M-parameter Qwen2-style config), 
 - ``observe``: ``gate.observe(float(energy), k)``.
 
 overhead = (hook + read + observe) / fwd+bwd; the cheap parts are medians over ``--read-repeats`` runs per
-round, fwd+bwd a median over ``--repeats`` rounds. The default ~100M batch is 4 × 128 tokens so the whole
-run stays near 2 minutes on 2 cores; a bigger batch only lowers the overhead fraction. Prints a Markdown table and writes JSON to ``--out``.
+round, fwd+bwd a median over ``--repeats`` rounds. On a shared machine pass ``--threads 1``: with 2 threads,
+parallel regions stall for tens of ms whenever the other thread is descheduled, which swamps small ops
+(and makes the whole run take minutes instead of ~90 s). Prints a Markdown table and writes JSON to ``--out``.
 
-    PYTHONPATH=src python benchmarks/probe_overhead.py --out probe_overhead.json
+    PYTHONPATH=src python benchmarks/probe_overhead.py --threads 1 --out probe_overhead.json
 """
 
 from __future__ import annotations
@@ -154,7 +155,7 @@ def main() -> int:
     parser.add_argument("--out", required=True, help="path of the JSON results")
     parser.add_argument("--repeats", type=int, default=3, help="timed forward+backward rounds per model (median)")
     parser.add_argument("--read-repeats", type=int, default=20, help="hook replays and energy()+observe() reads per round")
-    parser.add_argument("--large-batch", type=int, default=4, help="sequences per batch for the ~100M model")
+    parser.add_argument("--large-batch", type=int, default=8, help="sequences per batch for the ~100M model")
     parser.add_argument("--large-seq", type=int, default=128, help="tokens per sequence for the ~100M model")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's choice). On a shared machine 1 avoids "

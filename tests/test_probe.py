@@ -10,6 +10,15 @@ from dgg.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
 SMALL = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny ops: one thread avoids parallel regions stalling on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     return build_char_tokenizer()

@@ -116,7 +116,12 @@ def single_process_reference(tied: bool):
         losses = [local_loss(m, tokenizer, rank_texts(batch_index, r), batch_index, r) for r in range(WORLD)]
         return sum(losses) / WORLD
 
-    return reuse_loop(make_model(tokenizer, tied), tokenizer, loss_for_batch)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread avoids stalls on a busy 2-core machine
+    try:
+        return reuse_loop(make_model(tokenizer, tied), tokenizer, loss_for_batch)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("wrapper, tied", SCENARIOS, ids=[f"{w}-{'tied' if t else 'untied'}" for w, t in SCENARIOS])
