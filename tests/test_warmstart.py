@@ -227,13 +227,17 @@ def test_cli_prints_the_directory_and_reports_bad_input(tmp_path, capsys):
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text("steps: 6\nwarmup_steps: 2\nbatch_size: 8\nnum_train_problems: 300\nheldout_size: 16\n"
                            "eval_samples: 2\nmodel: {hidden_size: 32, intermediate_size: 64, max_position_embeddings: 32}\n")
-    args = parser.parse_args(["--config", str(config_file), "seed=3", "--out", str(tmp_path / "m"), "--quiet"])
+    args = parser.parse_args(["--config", str(config_file), "seed=3", "--out", str(tmp_path / "m"), "--quiet",
+                              "--threads", "2"])
     assert warmstart_command.run(args) == 0
     assert capsys.readouterr().out.strip() == str(tmp_path / "m")
     assert load_config(tmp_path / "m" / "warmstart.yaml").seed == 3
+    assert json.loads((tmp_path / "m" / "warmstart_metrics.json").read_text())["torch_threads"] == 2
 
     assert warmstart_command.run(parser.parse_args(["label_noise=2", "--quiet"])) == 2
     assert "label_noise" in capsys.readouterr().err
+    assert warmstart_command.run(parser.parse_args(["--threads", "0", "--quiet", "--out", str(tmp_path / "z")])) == 2
+    assert "threads" in capsys.readouterr().err
 
 
 def test_greedy_sampler_agrees_with_hf_generate_under_left_padding():

@@ -40,6 +40,8 @@ TASK_NAME = "chain_sum"
 METRICS_FILENAME = "warmstart_metrics.json"
 CONFIG_FILENAME = "warmstart.yaml"
 IGNORE_INDEX = -100
+# Default torch threads for training. The matmuls are tiny: on an idle 2-core machine two threads were about
+# 1.5x faster than one, but with the cores shared by other jobs two threads ran 15x slower (measured), so one.
 TORCH_THREADS = 1
 
 
@@ -76,7 +78,7 @@ class WarmstartConfig:
     """Optimizer steps."""
     batch_size: int = 128
     """Problems per optimizer step."""
-    learning_rate: float = 3e-3
+    learning_rate: float = 1.5e-3
     """Peak AdamW learning rate, reached after the warm-up and decayed by a cosine to 10 % of itself."""
     warmup_steps: int = 100
     """Linear learning-rate warm-up steps."""
@@ -429,15 +431,19 @@ def _recorded_hash(directory: Path) -> str | None:
 
 
 def warmstart(config: WarmstartConfig | None = None, out_dir: str | Path | None = None, progress: bool = True,
-              force: bool = False) -> Path:
+              force: bool = False, threads: int = TORCH_THREADS) -> Path:
     """Build (or reuse) the warm-started model directory and return its path.
 
     A finished directory for the same config hash is reused at once; ``force`` rebuilds it. A directory that
     holds a different config is an error unless ``force``. The model is written to a temporary sibling and
     renamed into place last, so an interrupted run never leaves a directory that looks finished.
+    ``threads`` is torch's intra-op thread count while training; it is not part of the cache key (1 and 2
+    threads gave bit-identical weights here).
     """
     import torch
 
+    if threads < 1:
+        raise ValueError(f"warmstart: threads must be a positive integer, got {threads!r}")
     config = config or WarmstartConfig()
     digest = config_hash(config)
     target = Path(out_dir) if out_dir is not None else default_model_dir(config)
@@ -449,8 +455,7 @@ def warmstart(config: WarmstartConfig | None = None, out_dir: str | Path | None 
 
     started = time.perf_counter()
     previous_threads = torch.get_num_threads()
-    # One thread: the matmuls are tiny, and on the shared 2-core machine two threads ran 15x slower (measured).
-    torch.set_num_threads(TORCH_THREADS)
+    torch.set_num_threads(threads)
     try:
         train, heldout, overlap = split_train_heldout(config)
         model, tokenizer, losses = _train(config, train, progress)
@@ -476,7 +481,7 @@ def warmstart(config: WarmstartConfig | None = None, out_dir: str | Path | None 
         "sampled_mean_completion_tokens": sampled["mean_completion_tokens"],
         "train_seconds": train_seconds,
         "total_seconds": time.perf_counter() - started,
-        "torch_threads": TORCH_THREADS,
+        "torch_threads": threads,
     }
 
     target.parent.mkdir(parents=True, exist_ok=True)
