@@ -4,9 +4,10 @@ RL with verifiable rewards needs a policy that already solves the task sometimes
 GRPO group holds both rewards and the advantages are non-zero (paper §3). A model built from nothing solves
 nothing; one trained to convergence on clean labels leaves RL no room. So the default model is trained by
 supervised next-token prediction on reasoning-gym ``chain_sum`` problems whose targets are, with probability
-``label_noise``, replaced by another problem's answer. It ends up putting most of its mass on the right
-answer under greedy decoding while sampling at T = 1 often leaves it, spreading probability over plausible
-wrong answers: the tail tokens with small π_old whose importance ratios inflate under reuse (paper §3, Eq. 2).
+``label_noise``, replaced by another problem's answer. The noisy targets spread the model's probability over
+plausible wrong answers, so greedy decoding is right more often than sampling at T = 1, and sampled tokens
+include a tail with small π_old whose importance ratios inflate under reuse (paper §3, Eq. 2). Within the
+default budget it learns most one-digit problems and few two-digit ones (numbers in warmstart_metrics.json).
 
 The prompt is exactly the format the RL task uses (``prompt_format="bare"``): the expression with its spaces
 removed followed by ``=``, e.g. ``"57-8="``; the target is the answer followed by the EOS token.
