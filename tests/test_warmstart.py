@@ -1,0 +1,251 @@
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import dgg.warmstart as ws
+from dgg.commands import warmstart as warmstart_command
+from dgg.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
+from dgg.warmstart import (
+    IGNORE_INDEX,
+    Problem,
+    WarmstartConfig,
+    bare_prompt,
+    build_batch,
+    config_hash,
+    default_model_dir,
+    evaluate_accuracy,
+    learning_rate_at,
+    load_config,
+    split_train_heldout,
+    target_token_loss,
+    warmstart,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TINY_MODEL = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, max_position_embeddings=32)
+
+
+def tiny_config(**changes) -> WarmstartConfig:
+    """Same code path as the default, sized to run in about a second."""
+    base = dict(steps=6, warmup_steps=2, batch_size=8, num_train_problems=300, heldout_size=16, eval_samples=2,
+                model=TINY_MODEL)
+    return WarmstartConfig(**{**base, **changes})
+
+
+def test_default_yaml_is_the_dataclass_default():
+    assert load_config(REPO_ROOT / "configs" / "warmstart.yaml") == WarmstartConfig()
+
+
+def test_overrides_parse_types_and_dotted_model_keys():
+    config = load_config(None, ["steps=120", "label_noise=0.25", "model.hidden_size=64"])
+    assert (config.steps, config.label_noise, config.model.hidden_size) == (120, 0.25, 64)
+    assert config.model.num_hidden_layers == TinyModelConfig().num_hidden_layers
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["label_noise=1.0"], "label_noise"),
+        (["steps=0"], "steps"),
+        (["steps=2.5"], "steps"),
+        (["min_digits=3"], "min_digits"),
+        (["warmup_steps=1500"], "warmup_steps"),
+        (["train_seed=0"], "train_seed"),  # seeds 0..49999 meet the held-out seeds 1..256
+        (["model.max_position_embeddings=8"], "model.max_position_embeddings"),
+        (["stepz=3"], "stepz"),
+        (["model.depth=3"], "depth"),
+        (["steps"], "key=value"),
+    ],
+)
+def test_bad_config_names_the_field(overrides, named):
+    with pytest.raises(ValueError, match=named):
+        load_config(None, overrides)
+
+
+def test_hash_depends_on_every_field_and_default_dir_honours_dgg_cache(monkeypatch, tmp_path):
+    base = WarmstartConfig()
+    assert config_hash(base) == config_hash(WarmstartConfig())
+    assert config_hash(base) != config_hash(WarmstartConfig(label_noise=0.5))
+    assert config_hash(base) != config_hash(WarmstartConfig(model=TinyModelConfig(hidden_size=64)))
+    monkeypatch.delenv("DGG_CACHE", raising=False)
+    assert default_model_dir(base) == Path("runs/models") / f"warmstart-{config_hash(base)}"
+    monkeypatch.setenv("DGG_CACHE", str(tmp_path))
+    assert default_model_dir(base) == tmp_path / "models" / f"warmstart-{config_hash(base)}"
+
+
+def test_bare_prompt_matches_the_rl_task_format():
+    assert bare_prompt("57 - 8") == "57-8="
+    train, heldout, overlap = split_train_heldout(tiny_config())
+    assert heldout[0] == Problem("4-1=", "3")  # reasoning-gym chain_sum, seed 1, item 0
+    assert all(p.prompt.endswith("=") and " " not in p.prompt for p in train)
+    # held-out expressions never reach training; the raw pool did contain some of them
+    assert not {p.prompt for p in heldout} & {p.prompt for p in train}
+    assert 0 < overlap <= 1
+    assert all(str(eval(p.prompt[:-1])) == p.answer for p in train[:50])  # noqa: S307 - digits and +/- only
+
+
+def test_batch_is_right_padded_with_loss_only_on_answer_and_eos():
+    tok = build_char_tokenizer()
+    prompts = [tok("7-1=", add_special_tokens=False).input_ids, tok("12+30=", add_special_tokens=False).input_ids]
+    targets = [tok("6", add_special_tokens=False).input_ids + [tok.eos_token_id],
+               tok("42", add_special_tokens=False).input_ids + [tok.eos_token_id]]
+    input_ids, mask, labels = build_batch(prompts, targets, tok.pad_token_id)
+    assert input_ids.shape == (2, 9)
+    assert tok.decode(input_ids[0]) == "7-1=6<eos><pad><pad><pad>"
+    assert mask[0].tolist() == [1] * 6 + [0] * 3
+    assert labels[0].tolist() == [IGNORE_INDEX] * 4 + [tok.convert_tokens_to_ids("6"), tok.eos_token_id] + [IGNORE_INDEX] * 3
+    assert (labels[1] != IGNORE_INDEX).sum() == 3
+
+
+def test_target_token_loss_ignores_prompt_positions():
+    # V = 2; uniform logits everywhere except the one scored position, so the loss is hand-computable.
+    logits = torch.zeros(1, 3, 2)
+    logits[0, 1] = torch.tensor([0.0, 2.0])  # predicts token at position 2
+    labels = torch.tensor([[IGNORE_INDEX, IGNORE_INDEX, 1]])
+    expected = -torch.log_softmax(torch.tensor([0.0, 2.0]), 0)[1]
+    assert torch.isclose(target_token_loss(logits, labels), expected)
+
+
+def test_learning_rate_schedule_endpoints():
+    config = WarmstartConfig(steps=101, warmup_steps=10, learning_rate=1.0)
+    assert learning_rate_at(0, config) == pytest.approx(0.1)
+    assert learning_rate_at(9, config) == pytest.approx(1.0)
+    assert learning_rate_at(10, config) == pytest.approx(1.0)
+    assert learning_rate_at(100, config) == pytest.approx(0.1)
+
+
+class _Oracle(torch.nn.Module):
+    """A stand-in policy that always puts probability ``p`` on the next character of the right answer + EOS."""
+
+    def __init__(self, tokenizer, answers: dict[str, str], p: float):
+        super().__init__()
+        self.tokenizer, self.answers, self.p = tokenizer, answers, p
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        vocab = len(self.tokenizer)
+        logits = torch.full((input_ids.shape[0], input_ids.shape[1], vocab), -1e9)
+        for i, row in enumerate(input_ids.tolist()):
+            text = self.tokenizer.decode([t for t, m in zip(row, attention_mask[i].tolist(), strict=True) if m], skip_special_tokens=True)
+            prompt, _, done = text.partition("=")
+            wanted = (self.answers[prompt + "="] + "<eos>")
+            next_piece = wanted[len(done):]
+            next_token = self.tokenizer.eos_token_id if next_piece.startswith("<eos>") else \
+                self.tokenizer.convert_tokens_to_ids(next_piece[0])
+            other = self.tokenizer.convert_tokens_to_ids("x")
+            logits[i, -1, next_token] = torch.log(torch.tensor(self.p))
+            logits[i, -1, other] = torch.log(torch.tensor(1 - self.p)) if self.p < 1 else -1e9
+        return type("Out", (), {"logits": logits})()
+
+
+def test_evaluate_accuracy_on_a_known_policy():
+    tok = build_char_tokenizer()
+    problems = [Problem("7-1=", "6"), Problem("12+30=", "42")]
+    answers = {p.prompt: p.answer for p in problems}
+    perfect = evaluate_accuracy(_Oracle(tok, answers, 1.0), tok, problems, 1.0, 6, n_samples=3)
+    assert perfect["accuracy"] == 1.0
+    assert perfect["mean_chosen_probability"] == pytest.approx(1.0)
+    assert perfect["mean_completion_tokens"] == pytest.approx(2.5)  # "6<eos>" and "42<eos>"
+    greedy = evaluate_accuracy(_Oracle(tok, answers, 0.9), tok, problems, 0.0, 6)
+    assert greedy["accuracy"] == 1.0
+    assert greedy["mean_chosen_probability"] == pytest.approx(0.9)
+    assert greedy["fraction_chosen_below_0.05"] == 0.0
+    # sampling a 0.5/0.5 policy: a completion is right only if every token is; 'x' derails it to a wrong answer
+    sampled = evaluate_accuracy(_Oracle(tok, answers, 0.5), tok, problems, 1.0, 6, n_samples=200, seed=1)
+    expected = 0.5 * (0.5**2) + 0.5 * (0.5**3)  # "6<eos>" needs 2 right tokens, "42<eos>" needs 3
+    assert sampled["accuracy"] == pytest.approx(expected, abs=0.06)
+
+
+def _weights(directory: Path) -> dict[str, torch.Tensor]:
+    return load_file(directory / "model.safetensors")
+
+
+def test_warmstart_writes_a_loadable_hf_directory_and_is_deterministic(tmp_path):
+    config = tiny_config()
+    first = warmstart(config, out_dir=tmp_path / "a", progress=False)
+    second = warmstart(config, out_dir=tmp_path / "b", progress=False)
+    a, b = _weights(first), _weights(second)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    untrained = build_tiny_model(build_char_tokenizer(), config.model, seed=config.seed)
+    assert not torch.equal(a["lm_head.weight"], untrained.lm_head.weight.detach())  # it did train
+
+    model = AutoModelForCausalLM.from_pretrained(first)
+    tokenizer = AutoTokenizer.from_pretrained(first)
+    assert tokenizer.padding_side == "left"
+    assert tokenizer("57-8=").input_ids == build_char_tokenizer()("57-8=").input_ids
+    assert torch.equal(model.lm_head.weight, a["lm_head.weight"])
+    assert load_config(first / "warmstart.yaml") == config
+    metrics = json.loads((first / "warmstart_metrics.json").read_text())
+    assert metrics["config_hash"] == config_hash(config)
+    assert metrics["heldout_problems"] == 16
+    for key in ("heldout_sampled_accuracy", "heldout_greedy_accuracy", "sampled_fraction_chosen_below_0.05"):
+        assert 0.0 <= metrics[key] <= 1.0
+    assert metrics["final_loss"] > 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no staging left behind
+
+
+def test_second_call_reuses_the_cache_and_force_rebuilds(tmp_path, monkeypatch):
+    monkeypatch.setenv("DGG_CACHE", str(tmp_path))
+    config = tiny_config()
+    built = warmstart(config, progress=False)
+    assert built == default_model_dir(config)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a cached model must not be retrained")
+
+    monkeypatch.setattr(ws, "_train", no_training)
+    assert warmstart(config, progress=False) == built
+    with pytest.raises(AssertionError, match="retrained"):
+        warmstart(config, progress=False, force=True)
+    assert (built / "model.safetensors").is_file()  # a failed forced rebuild leaves the old one intact
+
+
+def test_existing_directory_of_another_config_is_refused(tmp_path):
+    warmstart(tiny_config(), out_dir=tmp_path / "m", progress=False)
+    with pytest.raises(ValueError, match="force"):
+        warmstart(tiny_config(label_noise=0.3), out_dir=tmp_path / "m", progress=False)
+
+
+def test_a_crash_while_saving_leaves_no_finished_looking_directory(tmp_path, monkeypatch):
+    def broken_save(self, *args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("transformers.PreTrainedTokenizerFast.save_pretrained", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        warmstart(tiny_config(), out_dir=tmp_path / "m", progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_prints_the_directory_and_reports_bad_input(tmp_path, capsys):
+    parser = __import__("argparse").ArgumentParser()
+    warmstart_command.add_arguments(parser)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("steps: 6\nwarmup_steps: 2\nbatch_size: 8\nnum_train_problems: 300\nheldout_size: 16\n"
+                           "eval_samples: 2\nmodel: {hidden_size: 32, intermediate_size: 64, max_position_embeddings: 32}\n")
+    args = parser.parse_args(["--config", str(config_file), "seed=3", "--out", str(tmp_path / "m"), "--quiet",
+                              "--threads", "2"])
+    assert warmstart_command.run(args) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "m")
+    assert load_config(tmp_path / "m" / "warmstart.yaml").seed == 3
+    assert json.loads((tmp_path / "m" / "warmstart_metrics.json").read_text())["torch_threads"] == 2
+
+    assert warmstart_command.run(parser.parse_args(["label_noise=2", "--quiet"])) == 2
+    assert "label_noise" in capsys.readouterr().err
+    assert warmstart_command.run(parser.parse_args(["--threads", "0", "--quiet", "--out", str(tmp_path / "z")])) == 2
+    assert "threads" in capsys.readouterr().err
+
+
+def test_greedy_sampler_agrees_with_hf_generate_under_left_padding():
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, TINY_MODEL, seed=5).eval()
+    prompts = ["7-1=", "12+30=", "99-9="]  # different lengths, so the batch is left-padded
+    ours, _ = ws.sample_completions(model, tok, prompts, 0.0, 6, torch.Generator().manual_seed(0))
+    encoded = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
+    out = model.generate(**encoded, do_sample=False, max_new_tokens=6)
+    theirs = tok.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert ours == theirs
