@@ -55,7 +55,6 @@ def test_overrides_parse_types_and_dotted_model_keys():
         (["steps=2.5"], "steps"),
         (["min_digits=3"], "min_digits"),
         (["warmup_steps=1500"], "warmup_steps"),
-        (["train_seed=0"], "train_seed"),  # seeds 0..49999 meet the held-out seeds 1..256
         (["model.max_position_embeddings=8"], "model.max_position_embeddings"),
         (["stepz=3"], "stepz"),
         (["model.depth=3"], "depth"),
@@ -81,7 +80,15 @@ def test_hash_depends_on_every_field_and_default_dir_honours_dgg_cache(monkeypat
 def test_bare_prompt_matches_the_rl_task_format():
     assert bare_prompt("57 - 8") == "57-8="
     train, heldout, overlap = split_train_heldout(tiny_config())
-    assert heldout[0] == Problem("4-1=", "3")  # reasoning-gym chain_sum, seed 1, item 0
+    # the held-out problems are exactly the RL task's test split
+    from dgg.tasks import TaskConfig, make_task
+
+    config = tiny_config()
+    task = make_task(TaskConfig(name="chain_sum", seed=config.heldout_seed, test_size=config.heldout_size,
+                                options={"min_terms": config.min_terms, "max_terms": config.max_terms,
+                                         "min_digits": config.min_digits, "max_digits": config.max_digits}))
+    assert [(p.prompt, p.answer) for p in heldout] == [
+        (task.problem("test", i).prompt, task.problem("test", i).answer) for i in range(config.heldout_size)]
     assert all(p.prompt.endswith("=") and " " not in p.prompt for p in train)
     # held-out expressions never reach training; the raw pool did contain some of them
     assert not {p.prompt for p in heldout} & {p.prompt for p in train}

@@ -67,11 +67,12 @@ class WarmstartConfig:
     """chain_sum option: fewest digits per operand."""
     max_digits: int = 2
     """chain_sum option: most digits per operand."""
-    heldout_seed: int = 1
-    """reasoning-gym seed of the held-out problems: the RL task's test split (task seed + 1, task seed 0).
-    They are excluded from training by expression and used for the final accuracy report."""
+    heldout_seed: int = 0
+    """``task.seed`` of the RL task whose test split is held out (``dgg.tasks``, chain_sum with the options
+    above; the demo uses 0). Those problems are excluded from training by expression and give the final
+    accuracy report, so RL evaluation never sees a problem the warm-start trained on."""
     heldout_size: int = 256
-    """Number of held-out problems (the first ``heldout_size`` items of the held-out seed)."""
+    """Number of held-out problems: the RL task's ``test_size`` (its first ``heldout_size`` test problems)."""
     label_noise: float = 0.6
     """Fraction of training targets replaced by the answer of another, randomly drawn problem (redrawn every
     time a problem is drawn), so the model starts imperfect and RL has room to improve it."""
@@ -123,11 +124,6 @@ def _validate(config: WarmstartConfig) -> None:
     _check(config.weight_decay >= 0, "weight_decay", "non-negative", config.weight_decay)
     _check(config.max_grad_norm >= 0, "max_grad_norm", "non-negative (0 disables clipping)", config.max_grad_norm)
     _check(config.eval_temperature >= 0, "eval_temperature", "non-negative (0 is greedy)", config.eval_temperature)
-    train_range = range(config.train_seed, config.train_seed + config.num_train_problems)
-    heldout_range = range(config.heldout_seed, config.heldout_seed + config.heldout_size)
-    _check(train_range.stop <= heldout_range.start or heldout_range.stop <= train_range.start, "train_seed",
-           f"such that seeds [train_seed, train_seed + num_train_problems) miss the held-out seeds "
-           f"[{heldout_range.start}, {heldout_range.stop})", config.train_seed)
     longest_prompt = config.max_terms * (config.max_digits + 1)  # operands, operators and '='
     longest_answer = config.max_digits + math.ceil(math.log10(config.max_terms)) + 2  # sign, carry digits, EOS
     _check(longest_prompt + longest_answer <= config.model.max_position_embeddings, "model.max_position_embeddings",
@@ -251,9 +247,20 @@ def generate_problems(config: WarmstartConfig, seed: int, size: int) -> list[Pro
     return [Problem(bare_prompt(item["metadata"]["expression"]), item["answer"]) for item in dataset]
 
 
+def rl_test_problems(config: WarmstartConfig) -> list[Problem]:
+    """The RL task's held-out split, exactly as ``dgg.tasks`` builds it for ``task.seed = heldout_seed``."""
+    from dgg.tasks import TaskConfig, make_task
+
+    options = {"min_terms": config.min_terms, "max_terms": config.max_terms, "min_digits": config.min_digits,
+               "max_digits": config.max_digits}
+    task = make_task(TaskConfig(name=TASK_NAME, options=options, prompt_format="bare", seed=config.heldout_seed,
+                                test_size=config.heldout_size))
+    return [Problem(p.prompt, p.answer) for p in (task.problem("test", i) for i in range(config.heldout_size))]
+
+
 def split_train_heldout(config: WarmstartConfig) -> tuple[list[Problem], list[Problem], float]:
     """(training pool without held-out prompts, held-out problems, fraction of held-out prompts the raw pool had)."""
-    heldout = generate_problems(config, config.heldout_seed, config.heldout_size)
+    heldout = rl_test_problems(config)
     pool = generate_problems(config, config.train_seed, config.num_train_problems)
     heldout_prompts = {p.prompt for p in heldout}
     pool_prompts = {p.prompt for p in pool}
