@@ -103,6 +103,8 @@ class ArmSummary:
     wall_clock_speedup: float | None = None
     rollouts_to_target: float | None = None
     wall_time_to_target: float | None = None
+    target_accuracy: float | None = None  # the baseline's converged accuracy that speedups are measured to
+    speedup_undefined: bool = False  # the baseline was at its converged accuracy before training
 
 
 def summarise_run(records: list[dict], arm: str, seed: int | None = None) -> ArmSummary:
@@ -144,7 +146,11 @@ def compare_to_baseline(arms: dict[str, list[dict]], baseline: str = "single") -
         return summaries
     base_rollouts = cost_to_reach(base_points, target, "rollouts")
     base_time = cost_to_reach(base_points, target, "wall_time")
+    for s in summaries.values():
+        s.target_accuracy = target
     if not base_rollouts:  # the baseline was already there before training: no speedup is defined
+        for s in summaries.values():
+            s.speedup_undefined = True
         return summaries
     for name, records in arms.items():
         points = eval_points(records)

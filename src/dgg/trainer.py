@@ -58,8 +58,11 @@ def resolve_model_path(path: str) -> str:
 def load_policy(config: ModelConfig, weights_from: str | None = None):
     """Load (model, tokenizer) from a local directory or hub name, with a message that names the field."""
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from dgg.tiny import load_tokenizer
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
 
     path = weights_from or resolve_model_path(config.path)
     local = Path(path).expanduser()

@@ -79,6 +79,7 @@ def write_report(out: Path, arms, seeds: list[int], config) -> dict:
                 "rollouts": aggregated[arm]["runs"][0]["rollouts"],
                 "std": {k: v["std"] for k, v in aggregated[arm].items() if isinstance(v, dict) and "std" in v},
                 "collapsed_seeds": aggregated[arm]["collapsed_seeds"],
+                "speedup_undefined": all(r["speedup_undefined"] for r in aggregated[arm]["runs"]),
                 "runs": aggregated[arm]["runs"],
             }
             for arm in aggregated
@@ -94,7 +95,9 @@ def _fmt(value, digits=3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _speedup(value) -> str:
+def _speedup(value, undefined: bool = False) -> str:
+    if undefined:
+        return "n/a: single-use never improved"
     return "never reached" if value is None else f"{value:.2f}×"
 
 
@@ -119,8 +122,9 @@ def render_report(summary: dict, config) -> str:
         std = s["std"]
         lines.append(
             f"| {s['label']} | {_fmt(s['converged_accuracy'])} ± {_fmt(std['converged_accuracy'])} | "
-            f"{_fmt(s['peak_accuracy'])} | {_fmt(s['final_accuracy'])} | {_speedup(s['rollout_speedup'])} | "
-            f"{_speedup(s['wall_clock_speedup'])} | {s['collapsed_seeds']}/{len(seeds)} | "
+            f"{_fmt(s['peak_accuracy'])} | {_fmt(s['final_accuracy'])} | "
+            f"{_speedup(s['rollout_speedup'], s['speedup_undefined'])} | "
+            f"{_speedup(s['wall_clock_speedup'], s['speedup_undefined'])} | {s['collapsed_seeds']}/{len(seeds)} | "
             f"{_fmt(s['discards'], 1)} | {_fmt(s['mean_reuse_per_batch'], 2)} |")
     lines += [
         "",
@@ -157,7 +161,8 @@ def print_table(summary: dict, arms) -> None:
     seeds = len(summary["seeds"])
     for arm in arms:
         s = summary["arms"][arm.name]
-        table.add_row(s["label"].replace("GRPO ", "").replace("w/ ", ""), _fmt(s["converged_accuracy"]), _fmt(s["peak_accuracy"]), _fmt(s["final_accuracy"]),
-                      _speedup(s["rollout_speedup"]), _speedup(s["wall_clock_speedup"]),
+        table.add_row(s["label"].replace("GRPO (single-use)", "single-use").replace("GRPO w/ ", ""), _fmt(s["converged_accuracy"]), _fmt(s["peak_accuracy"]), _fmt(s["final_accuracy"]),
+                      _speedup(s["rollout_speedup"], s["speedup_undefined"]),
+                      _speedup(s["wall_clock_speedup"], s["speedup_undefined"]),
                       f"{s['collapsed_seeds']}/{seeds}", _fmt(s["discards"], 1))
     Console(width=140).print(table)
