@@ -112,20 +112,24 @@ def plot_signals(arms: dict[str, list[dict]], out: Path, labels: dict[str, str] 
         label, colour = _style(arm)
         updates = [r for r in records if r["kind"] == "update"]
         for ax, (key, _) in zip(axes, SIGNALS):
-            points = [(r["rollouts"], r[key]) for r in updates if r.get(key) is not None]
+            points = [(step, r[key]) for step, r in enumerate(updates, 1) if r.get(key) is not None]
             if points:
-                ax.plot(*zip(*points), color=colour, lw=0.9, alpha=0.85, label=(labels or {}).get(arm, label))
+                ax.plot(*zip(*points), color=colour, lw=0.8, alpha=0.85, label=(labels or {}).get(arm, label))
         onset = _onset_rollouts(records)
-        if onset is not None:
+        if onset is not None:  # the first update attempt on a batch sampled after the peak evaluation
+            step = next((i for i, r in enumerate(updates, 1) if r["rollouts"] > onset), len(updates))
             for ax in axes:
-                ax.axvline(onset, color="red", ls="--", lw=1)
+                ax.axvline(step, color=colour, ls="--", lw=1)
     for ax, (_, title) in zip(axes, SIGNALS):
         ax.set_title(title, fontsize=10)
-        ax.set_xlabel("rollouts")
+        ax.set_xlabel("update attempt")
         ax.grid(alpha=0.3)
-    if any(line.get_ydata().min() > 0 for line in axes[-1].get_lines() if len(line.get_ydata())):
-        axes[-1].set_yscale("log")  # the energy spans decades
+    energy = axes[-1]
+    if all(min(line.get_ydata()) > 0 for line in energy.get_lines() if len(line.get_ydata())):
+        energy.set_yscale("log")  # the energy spans decades
     axes[0].legend(fontsize=8)
+    fig.suptitle("Monitoring signals per update attempt (dashed: onset of degradation of a collapsed run)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
