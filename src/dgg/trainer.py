@@ -198,6 +198,7 @@ class GRPOTrainer:
         self.check_theorem2 = config.profile.theorem2 and config.loss.kl_coef == 0 and not tied_total
         self._lm_head_bias = getattr(head, "bias", None) is not None
         self._theorem2_parts: list[dict] = []
+        self._theorem2_seconds = 0.0
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -302,15 +303,17 @@ class GRPOTrainer:
         self.state.attempts += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.probe.reset()
-        self._theorem2_parts = []
+        self._theorem2_parts, self._theorem2_seconds = [], 0.0
         loss, stats = self._backward(batch)  # line 4
 
         if not math.isfinite(loss):
             return self._skip(batch, reuse_index, stats, loss, started, "non_finite_loss")
+        gate_started = time.perf_counter()
         energy = float(self.probe.energy())  # line 5: g_t, read before any clipping
+        decision = self.gate.observe(energy, reuse_index)  # line 6
+        stats["perf/gate_seconds"] = time.perf_counter() - gate_started  # the whole cost of DGG per update
         grad_norm = _global_grad_norm(self.optimizer)
         stats.update(self._theorem2_check(energy))
-        decision = self.gate.observe(energy, reuse_index)  # line 6
         if decision.discard or not math.isfinite(grad_norm):  # line 7
             reason = decision.reason if decision.discard else "non_finite_grad"
             return self._skip(batch, reuse_index, stats, loss, started, reason, energy, grad_norm, decision)
@@ -342,7 +345,9 @@ class GRPOTrainer:
                 logprobs = completion_logprobs(self.model, batch.input_ids[rows], batch.attention_mask[rows],
                                                batch.prompt_length, cfg.rollout.temperature)
             if self.check_theorem2:
+                theory_started = time.perf_counter()
                 self._theorem2_parts.append(self._theorem2_terms(batch, rows, capture.hidden, logprobs))
+                self._theorem2_seconds += time.perf_counter() - theory_started
             loss, stats = clipped_surrogate_loss(logprobs, batch.old_logprobs[rows], batch.advantages[rows], mask,
                                                  cfg.loss.clip_eps, cfg.loss.clip_eps_high)
             if self.reference is not None:
@@ -372,7 +377,9 @@ class GRPOTrainer:
         parts, self._theorem2_parts = self._theorem2_parts, []
         if not parts:
             return {}
+        started = time.perf_counter()
         values = theorem2_metrics(merge_theorem2_terms(parts), energy)
+        values["perf/theorem2_seconds"] = self._theorem2_seconds + time.perf_counter() - started
         self.state.bound_violations += int(values.pop("theory/bound_violations"))
         values["theory/bound_violations"] = self.state.bound_violations
         return values
