@@ -94,8 +94,11 @@ def task_prompts(name: str, count: int) -> list[str]:
 def load_model(path: str, dtype_name: str, device):
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
     from dgg.tiny import load_tokenizer
+
+    hf_logging.disable_progress_bar()
 
     if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise ValueError(f"--model: model directory not found: {path}")
