@@ -11,14 +11,15 @@ def test_demo_writes_report_summary_and_figures_and_resumes(tiny_model_dir, tmp_
     out = tmp_path / "demo"
     assert cli_main(["demo", "--out", str(out), f"model.path={tiny_model_dir}", *TINY]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["arms"]) == {"single", "naive", "dgg"}
+    assert set(summary["arms"]) == {"single", "naive", "dgg", "dgg_reuse"}
     for arm in summary["arms"].values():
         for key in ("converged_accuracy", "peak_accuracy", "final_accuracy", "rollouts", "wall_time", "discards",
                     "rollout_speedup", "wall_clock_speedup"):
             assert key in arm
         assert arm["rollouts"] == 3 * 16  # the same rollout budget for every arm
     assert summary["arms"]["dgg"]["discards"] > 0  # tau = -1e9 and a 2-increment window: the gate fires
-    for name in ("fig_accuracy.png", "fig_weights.png", "fig_signals.png", "fig_gate.png", "report.md"):
+    for name in ("fig_accuracy.png", "fig_weights.png", "fig_signals.png", "fig_gate.png", "fig_gate_reuse.png",
+                 "report.md"):
         assert (out / name).stat().st_size > 0
     assert "Table 1" in capsys.readouterr().out
 

@@ -29,14 +29,20 @@ class Arm:
     baseline: str = "single"
 
 
-def reuse_arms(max_reuse: int, tau: float) -> list[Arm]:
-    """The paper's three methods (§6.2): single-use, naive reuse (fixed K) and DGG (up to K, gated)."""
-    return [
+def reuse_arms(max_reuse: int, tau: float, with_reuse_window: bool = False) -> list[Arm]:
+    """The paper's three methods (§6.2): single-use, naive reuse (fixed K) and DGG (up to K, gated, the paper's
+    window over all increments); optionally DGG with the reuse-only window (``reuse.history=reuse``) too."""
+    arms = [
         Arm("single", "GRPO (single-use)", ("reuse.mode=single",)),
         Arm("naive", f"GRPO w/ Naive Reuse (K={max_reuse})", ("reuse.mode=fixed", f"reuse.max_reuse={max_reuse}")),
         Arm("dgg", f"GRPO w/ DGG (K={max_reuse}, τ={tau:g})",
-            ("reuse.mode=dgg", f"reuse.max_reuse={max_reuse}", f"reuse.tau={tau}")),
+            ("reuse.mode=dgg", f"reuse.max_reuse={max_reuse}", f"reuse.tau={tau}", "reuse.history=all")),
     ]
+    if with_reuse_window:
+        arms.append(Arm("dgg_reuse", f"GRPO w/ DGG, reuse-only window (K={max_reuse}, τ={tau:g})",
+                        ("reuse.mode=dgg", f"reuse.max_reuse={max_reuse}", f"reuse.tau={tau}",
+                         "reuse.history=reuse")))
+    return arms
 
 
 def run_dir_for(out: Path, arm: Arm, seed: int) -> Path:

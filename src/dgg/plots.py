@@ -11,6 +11,7 @@ ARM_STYLE = {  # arm -> (label, colour)
     "single": ("GRPO (single-use)", "#4d4d4d"),
     "naive": ("GRPO w/ Naive Reuse", "#d62728"),
     "dgg": ("GRPO w/ DGG", "#1f77b4"),
+    "dgg_reuse": ("GRPO w/ DGG (reuse-only window)", "#2ca02c"),
 }
 COMPONENT_STYLE = {"lm_head": "#d62728", "attn": "#2ca02c", "mlp": "#9467bd", "embed": "#8c564b", "norm": "#7f7f7f"}
 

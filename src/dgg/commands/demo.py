@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seeds", type=int, default=1, help="seeds per arm (default 1; the goal is stated on 3)")
     parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
     parser.add_argument("--force", action="store_true", help="re-run arms that already finished")
+    parser.add_argument("--paper-only", action="store_true",
+                        help="skip the fourth arm (DGG with the reuse-only window, reuse.history=reuse)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
 
 
@@ -38,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             model_dir = warmstart(WarmstartConfig())
             print(f"      model: {model_dir}")
             overrides.append(f"model.path={model_dir}")
-        arms = reuse_arms(config.reuse.max_reuse, config.reuse.tau)
+        arms = reuse_arms(config.reuse.max_reuse, config.reuse.tau, with_reuse_window=not args.paper_only)
         seeds = list(range(args.seeds))
         total = len(arms) * len(seeds)
         for i, (seed, arm) in enumerate(((s, a) for s in seeds for a in arms), 1):
@@ -68,6 +70,9 @@ def write_report(out: Path, arms, seeds: list[int], config) -> dict:
                                 labels),
         "gate": plot_gate(records["dgg"][0], config.reuse.tau, out / "fig_gate.png", labels["dgg"]),
     }
+    if "dgg_reuse" in records:
+        figures["gate_reuse"] = plot_gate(records["dgg_reuse"][0], config.reuse.tau, out / "fig_gate_reuse.png",
+                                          labels["dgg_reuse"])
     aggregated = aggregate(summaries)
     summary = {
         "seeds": seeds,
@@ -148,6 +153,8 @@ def render_report(summary: dict, config) -> str:
         "![gate](fig_gate.png)",
         "",
     ]
+    if "gate_reuse" in summary["figures"]:
+        lines += ["![gate, reuse-only window](fig_gate_reuse.png)", ""]
     return "\n".join(lines)
 
 
