@@ -173,7 +173,9 @@ def goal_check(summary: dict) -> list[str]:
         for run in summary["arms"][arm]["runs"]:
             seed, speed = run["seed"], run["rollout_speedup"]
             met = naive[seed]["collapsed"] and not run["collapsed"] and speed is not None and speed >= 2.0
-            if speed is None:
+            if run["speedup_undefined"]:
+                shortfall = "n/a: single-use never improved"
+            elif speed is None:
                 shortfall = f"never reached {_fmt(run['target_accuracy'])} (best {_fmt(run['peak_accuracy'])})"
             else:
                 shortfall = f"{speed:.2f}×"
