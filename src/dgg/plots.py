@@ -142,10 +142,13 @@ def plot_gate(records: list[dict], tau: float, out: Path, title: str = "GRPO w/ 
     plt = _pyplot()
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(11, 5.5), sharex=True, height_ratios=(2, 1))
     updates = [r for r in records if r["kind"] == "update" and r.get("gate/z") is not None]
-    accepted = [(r["rollouts"], r["gate/z"]) for r in updates if not r.get("gate/discard")]
+    fresh = [(r["rollouts"], r["gate/z"]) for r in updates if r["reuse_index"] == 1]
+    accepted = [(r["rollouts"], r["gate/z"]) for r in updates if r["reuse_index"] > 1 and not r.get("gate/discard")]
     discarded = [(r["rollouts"], r["gate/z"]) for r in updates if r.get("gate/discard")]
+    if fresh:
+        top.scatter(*zip(*fresh), s=5, color="#b0b0b0", label="k = 1 (fresh batch, never gated)")
     if accepted:
-        top.scatter(*zip(*accepted), s=6, color="#1f77b4", label="accepted update")
+        top.scatter(*zip(*accepted), s=6, color="#1f77b4", label="k > 1, accepted")
     if discarded:
         top.scatter(*zip(*discarded), s=22, color="red", marker="x", label="discarded (z > τ, k > 1)")
     top.axhline(tau, color="red", ls="--", lw=1, label=f"τ = {tau}")
