@@ -100,10 +100,16 @@ def _fmt(value, digits=3) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _speedup(value, undefined: bool = False) -> str:
-    if undefined:
+def _speedup(arm: dict, key: str) -> str:
+    """Mean speedup over the seeds that reached the target, and how many did."""
+    if arm["speedup_undefined"]:
         return "n/a: single-use never improved"
-    return "never reached" if value is None else f"{value:.2f}×"
+    values = [r[key] for r in arm["runs"]]
+    reached = [v for v in values if v is not None]
+    if not reached:
+        return "never reached"
+    text = f"{sum(reached) / len(reached):.2f}×"
+    return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)} seeds reached)"
 
 
 def render_report(summary: dict, config) -> str:
@@ -128,8 +134,7 @@ def render_report(summary: dict, config) -> str:
         lines.append(
             f"| {s['label']} | {_fmt(s['converged_accuracy'])} ± {_fmt(std['converged_accuracy'])} | "
             f"{_fmt(s['peak_accuracy'])} | {_fmt(s['final_accuracy'])} | "
-            f"{_speedup(s['rollout_speedup'], s['speedup_undefined'])} | "
-            f"{_speedup(s['wall_clock_speedup'], s['speedup_undefined'])} | {s['collapsed_seeds']}/{len(seeds)} | "
+            f"{_speedup(s, 'rollout_speedup')} | {_speedup(s, 'wall_clock_speedup')} | {s['collapsed_seeds']}/{len(seeds)} | "
             f"{_fmt(s['discards'], 1)} | {_fmt(s['mean_reuse_per_batch'], 2)} |")
     lines += ["", *goal_check(summary)]
     lines += [
@@ -195,7 +200,6 @@ def print_table(summary: dict, arms) -> None:
     for arm in arms:
         s = summary["arms"][arm.name]
         table.add_row(s["label"].replace("GRPO (single-use)", "single-use").replace("GRPO w/ ", ""), _fmt(s["converged_accuracy"]), _fmt(s["peak_accuracy"]), _fmt(s["final_accuracy"]),
-                      _speedup(s["rollout_speedup"], s["speedup_undefined"]),
-                      _speedup(s["wall_clock_speedup"], s["speedup_undefined"]),
+                      _speedup(s, "rollout_speedup"), _speedup(s, "wall_clock_speedup"),
                       f"{s['collapsed_seeds']}/{seeds}", _fmt(s["discards"], 1))
-    Console(width=140).print(table)
+    Console(width=190).print(table)
