@@ -141,7 +141,7 @@ def experiment_gate_variants(config) -> list[Arm]:
         suffix = "" if scale == 1 else f" lr×{scale}"
         tag = "" if scale == 1 else f"_lrx{scale}"
         base = f"single{tag}"
-        arms.append(Arm(base, f"GRPO (single-use){suffix}", ("reuse.mode=single", f"optim.lr={lr}")))
+        arms.append(Arm(base, f"GRPO (single-use){suffix}", ("reuse.mode=single", f"optim.lr={lr}"), base))
         for history in ("all", "reuse"):
             arms.append(Arm(f"dgg_{history}{tag}", f"GRPO w/ DGG history={history}{suffix}",
                             ("reuse.mode=dgg", f"reuse.history={history}", f"optim.lr={lr}"), base))

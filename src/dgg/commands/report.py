@@ -33,6 +33,14 @@ def _fmt(mean, std=None, digits=3, missing=0, total=None) -> str:
     return text
 
 
+def _speedup_cell(aggregated_arm: dict, key: str, seeds: int, undefined: int) -> str:
+    if undefined == seeds:
+        return "n/a: baseline never improved"
+    value = aggregated_arm[key]
+    cell = _fmt(value["mean"], value["std"], 2, value["missing"] - undefined, seeds - undefined)
+    return cell + (f"; baseline never improved on {undefined}/{seeds} seeds" if undefined else "")
+
+
 def build_report(out: Path) -> str:
     """Write report.md, summary.json and figures for a benchmark directory; return the Markdown."""
     from dgg.analysis import SIGNAL_KEYS, degradation_onset, eval_points, signal_firings
@@ -63,11 +71,11 @@ def build_report(out: Path) -> str:
              "updates/batch | training time (s) |", "|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         a = aggregated[arm.name]
+        undefined = sum(r["speedup_undefined"] for r in a["runs"])  # seeds whose baseline never improved
+        speedups = [_speedup_cell(a, key, n, undefined) for key in ("rollout_speedup", "wall_clock_speedup")]
         lines.append(
             f"| {arm.label} | {_fmt(a['converged_accuracy']['mean'], a['converged_accuracy']['std'])} | "
-            f"{_fmt(a['peak_accuracy']['mean'])} | "
-            f"{_fmt(a['rollout_speedup']['mean'], a['rollout_speedup']['std'], 2, a['rollout_speedup']['missing'], n)} | "
-            f"{_fmt(a['wall_clock_speedup']['mean'], a['wall_clock_speedup']['std'], 2, a['wall_clock_speedup']['missing'], n)} | "
+            f"{_fmt(a['peak_accuracy']['mean'])} | {speedups[0]} | {speedups[1]} | "
             f"{a['collapsed_seeds']}/{n} | {_fmt(a['discards']['mean'], digits=1)} | "
             f"{_fmt(a['mean_reuse_per_batch']['mean'], digits=2)} | {_fmt(a['wall_time']['mean'], digits=0)} |")
     lines += ["", "A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than 0.10.",
