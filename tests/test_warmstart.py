@@ -256,3 +256,33 @@ def test_greedy_sampler_agrees_with_hf_generate_under_left_padding():
     out = model.generate(**encoded, do_sample=False, max_new_tokens=6)
     theirs = tok.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
     assert ours == theirs
+
+
+# --- the optional filler-token tail (docs/reproducing-dwd.md) --------------------------------------------------
+
+def test_default_hash_is_unchanged_by_the_filler_fields_and_they_enter_it_when_set():
+    assert config_hash(WarmstartConfig()) == "e97eb879fdbd"  # the cached default model's key
+    assert config_hash(WarmstartConfig(filler_tokens=10, filler_noise=0.1)) != config_hash(WarmstartConfig())
+    assert config_hash(WarmstartConfig(filler_tokens=10)) != config_hash(WarmstartConfig(filler_tokens=20))
+
+
+def test_filler_noise_needs_filler_tokens():
+    with pytest.raises(ValueError, match="filler_noise"):
+        WarmstartConfig(filler_noise=0.1)
+    with pytest.raises(ValueError, match="filler_tokens"):
+        WarmstartConfig(filler_tokens=-1)
+
+
+def test_zipf_weights_are_one_over_rank():
+    assert torch.allclose(ws.zipf_weights(4), torch.tensor([12, 6, 4, 3], dtype=torch.float64) / 25)
+    assert ws.filler_characters(3) == "\u4e00\u4e01\u4e02"
+
+
+def test_filler_targets_replace_the_requested_fraction_with_zipf_drawn_tokens():
+    targets = [[5, 2]] * 20_000
+    out = ws.with_filler_targets(targets, 0.25, [100, 101], ws.zipf_weights(2), 2, torch.Generator().manual_seed(0))
+    replaced = [t for t in out if t != [5, 2]]
+    assert all(len(t) == 2 and t[1] == 2 for t in replaced)
+    assert abs(len(replaced) / len(out) - 0.25) < 0.01
+    assert abs(sum(t[0] == 100 for t in replaced) / len(replaced) - 2 / 3) < 0.02  # Zipf over 2 ranks: 2/3, 1/3
+    assert ws.with_filler_targets([[1, 2], [3]], 0.0, [9], ws.zipf_weights(1), 2, torch.Generator()) == [[1, 2], [3]]

@@ -96,6 +96,14 @@ class WarmstartConfig:
     """Samples per held-out problem for the sampled accuracy (greedy uses one)."""
     model: TinyModelConfig = field(default_factory=TinyModelConfig)
     """Shape of the tiny Qwen2 model (see :class:`dgg.tiny.TinyModelConfig`)."""
+    filler_tokens: int = 0
+    """Extra one-character tokens (CJK code points from U+4E00) appended to the vocabulary, a stand-in for the
+    long tail of a large LLM vocabulary. 0 (default) keeps the 80-token character vocabulary."""
+    filler_noise: float = 0.0
+    """Fraction of training targets replaced by one filler token (then EOS), drawn with Zipf's law (rank k with
+    probability ∝ 1/k): the model learns to put this much mass on the filler tokens, spread over a long tail of
+    tiny probabilities, so that sampled completions include tail tokens with small π_old (paper §3). Needs
+    filler_tokens > 0."""
 
     def __post_init__(self) -> None:
         if isinstance(self.model, Mapping):  # built from YAML / key=value overrides
@@ -121,6 +129,10 @@ def _validate(config: WarmstartConfig) -> None:
     _check(config.learning_rate > 0 and math.isfinite(config.learning_rate), "learning_rate", "positive",
            config.learning_rate)
     _check(0 <= config.warmup_steps < config.steps, "warmup_steps", "in [0, steps)", config.warmup_steps)
+    _check(config.filler_tokens >= 0, "filler_tokens", "a non-negative integer", config.filler_tokens)
+    _check(0.0 <= config.filler_noise < 1.0, "filler_noise", "in [0, 1)", config.filler_noise)
+    _check(config.filler_noise == 0.0 or config.filler_tokens > 0, "filler_noise",
+           "0 unless filler_tokens > 0", config.filler_noise)
     _check(config.weight_decay >= 0, "weight_decay", "non-negative", config.weight_decay)
     _check(config.max_grad_norm >= 0, "max_grad_norm", "non-negative (0 disables clipping)", config.max_grad_norm)
     _check(config.eval_temperature >= 0, "eval_temperature", "non-negative (0 is greedy)", config.eval_temperature)
@@ -205,9 +217,23 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
     return config_from_mapping(values)
 
 
+# Fields added after the first release: left out of the hash at their defaults so that cached models keep their key.
+_HASHED_ONLY_WHEN_SET = {"filler_tokens": 0, "filler_noise": 0.0}
+FILLER_START = 0x4E00  # first CJK unified ideograph: none of them occurs in chain_sum prompts or answers
+
+
+def filler_characters(count: int) -> str:
+    """The ``count`` filler characters of ``filler_tokens``, most frequent (Zipf rank 1) first."""
+    return "".join(chr(FILLER_START + i) for i in range(count))
+
+
 def config_hash(config: WarmstartConfig) -> str:
     """12 hex digits identifying the weights: the config, the tokenizer's characters and FORMAT_VERSION."""
-    payload = {"format_version": FORMAT_VERSION, "characters": DEFAULT_CHARACTERS, "config": config_to_mapping(config)}
+    mapping = config_to_mapping(config)
+    for name, default in _HASHED_ONLY_WHEN_SET.items():
+        if mapping[name] == default:
+            del mapping[name]
+    payload = {"format_version": FORMAT_VERSION, "characters": DEFAULT_CHARACTERS, "config": mapping}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -307,6 +333,24 @@ def target_token_loss(logits, labels):
     )
 
 
+def zipf_weights(count: int):
+    """Zipf's law over ``count`` ranks: weight of rank k (1-based) ∝ 1/k, normalised to sum to 1."""
+    import torch
+
+    weights = 1.0 / torch.arange(1, count + 1, dtype=torch.float64)
+    return weights / weights.sum()
+
+
+def with_filler_targets(targets: Sequence[Sequence[int]], fraction: float, filler_ids: Sequence[int], weights,
+                        eos_token_id: int, generator) -> list[list[int]]:
+    """Each target replaced, with probability ``fraction``, by [one Zipf-drawn filler token, EOS]."""
+    import torch
+
+    replace = (torch.rand(len(targets), generator=generator) < fraction).tolist()
+    drawn = torch.multinomial(weights, len(targets), replacement=True, generator=generator).tolist()
+    return [[filler_ids[d], eos_token_id] if r else list(t) for t, r, d in zip(targets, replace, drawn, strict=True)]
+
+
 def learning_rate_at(step: int, config: WarmstartConfig) -> float:
     """Linear warm-up to ``learning_rate``, then a cosine down to 10 % of it at the last step."""
     if step < config.warmup_steps:
@@ -392,11 +436,15 @@ def _train(config: WarmstartConfig, train: Sequence[Problem], progress: bool):
 
     from dgg.tiny import build_char_tokenizer, build_tiny_model
 
-    tokenizer = build_char_tokenizer()
+    fillers = filler_characters(config.filler_tokens)
+    tokenizer = build_char_tokenizer(DEFAULT_CHARACTERS + fillers) if fillers else build_char_tokenizer()
     model = build_tiny_model(tokenizer, config.model, seed=config.seed)
     model.train()
     prompt_ids, target_ids = _encode_pool(train, tokenizer)
     generator = torch.Generator().manual_seed(config.seed)
+    filler_ids = tokenizer.convert_tokens_to_ids(list(fillers)) if fillers else []
+    filler_weights = zipf_weights(len(filler_ids)) if fillers else None
+    filler_generator = torch.Generator().manual_seed(config.seed + 1)  # own stream: the default's draws stay put
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(0.9, 0.98))
     losses: list[float] = []
@@ -406,9 +454,12 @@ def _train(config: WarmstartConfig, train: Sequence[Problem], progress: bool):
         noisy = torch.rand(config.batch_size, generator=generator) < config.label_noise
         donor_index = torch.randint(len(train), (config.batch_size,), generator=generator)
         target_index = torch.where(noisy, donor_index, problem_index).tolist()
+        targets = [target_ids[i] for i in target_index]
+        if config.filler_noise > 0:
+            targets = with_filler_targets(targets, config.filler_noise, filler_ids, filler_weights,
+                                          tokenizer.eos_token_id, filler_generator)
         input_ids, _, labels = build_batch(
-            [prompt_ids[i] for i in problem_index.tolist()], [target_ids[i] for i in target_index],
-            tokenizer.pad_token_id,
+            [prompt_ids[i] for i in problem_index.tolist()], targets, tokenizer.pad_token_id,
         )
         for group in optimizer.param_groups:
             group["lr"] = learning_rate_at(step, config)
