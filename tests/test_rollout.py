@@ -49,3 +49,54 @@ def test_logprob_gradients_flow(tiny_model_dir):
     lp = completion_logprobs(model, ids, torch.tensor([[0, 1, 1, 1, 1]]), prompt_length=3)
     lp.sum().backward()
     assert lp.shape == (1, 2) and model.lm_head.weight.grad is not None
+
+
+def test_completion_logits_skip_the_prompt_yet_equal_full_logits(tiny_model_dir):
+    from dgg.rollout import completion_logits
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9], [4, 5, 6, 7, 8, 9, 10]])
+    attention = torch.tensor([[0, 0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1]])
+    kept = completion_logits(model, ids, attention, prompt_length=4)
+    full = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0)
+                 ).logits[:, 3:-1]
+    assert kept.shape == (2, 3, model.config.vocab_size)
+    torch.testing.assert_close(kept, full, atol=1e-5, rtol=1e-5)
+    logprobs, raw, _ = completion_logprobs(model, ids, attention, 4, temperature=0.5, return_logits=True)
+    torch.testing.assert_close(raw, full.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(logprobs, torch.log_softmax(full / 0.5, -1).gather(-1, ids[:, 4:, None])[..., 0],
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_shared_prompts_run_once_and_give_the_same_logits_hidden_states_and_gradients(tiny_model_dir):
+    """Adjacent rows with one prompt run it once (its cache repeated per completion): an exact rewrite."""
+    from dgg.rollout import completion_logits, position_ids_for, prompt_groups
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(3, 40, (3, 6), generator=gen)
+    prompt_mask = torch.ones(3, 6, dtype=torch.long)
+    prompt_mask[1, :2], prompts[1, :2] = 0, 0  # a left-padded prompt
+    ids = torch.cat([prompts.repeat_interleave(4, 0), torch.randint(3, 40, (12, 5), generator=gen)], 1)
+    mask = torch.cat([prompt_mask.repeat_interleave(4, 0), torch.ones(12, 5, dtype=torch.long)], 1)
+    mask[0, -2:] = 0  # a completion that ended early
+    first, owner = prompt_groups(ids[:, :6], mask[:, :6])
+    assert first.tolist() == [0, 4, 8] and owner.tolist() == [0] * 4 + [1] * 4 + [2] * 4
+    assert prompt_groups(ids[::4, :6], mask[::4, :6]) is None  # nothing shared: the plain path
+
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_for(mask), output_hidden_states=True)
+    full, full_hidden = out.logits[:, 5:-1], out.hidden_states[-1][:, 5:-1]
+    weights = torch.randn(full.shape, generator=gen)
+    (full * weights).sum().backward()
+    expected = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    calls = []
+    handle = model.model.layers[0].register_forward_hook(lambda m, i, o: calls.append(i[0].shape[:2]))
+    shared, hidden = completion_logits(model, ids, mask, prompt_length=6, return_hidden=True)
+    handle.remove()
+    assert calls == [(3, 6), (12, 4)]  # 3 prompts once, then 12 completions of R - 1 = 4 input tokens
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hidden, full_hidden.detach(), atol=1e-5, rtol=1e-5)
+    (shared * weights).sum().backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)

@@ -12,7 +12,9 @@ from dgg.tasks import (
     gsm8k_ground_truth,
     last_boxed,
     last_number,
+    lenient_answer,
     make_task,
+    resolve_prompt_format,
     safe_reward,
 )
 
@@ -132,7 +134,62 @@ def test_instruct_and_chat_formats_use_the_question_and_the_dataset_scorer():
 
 def test_bare_format_needs_an_expression():
     with pytest.raises(ValueError, match="prompt_format='bare'.*'leg_counting'"):
-        make_task(TaskConfig(name="leg_counting"))
+        make_task(TaskConfig(name="leg_counting", prompt_format="bare"))
+
+
+def test_auto_format_is_chat_with_a_template_else_bare_where_possible_else_instruct():
+    assert resolve_prompt_format(TaskConfig(name="chain_sum"), chat_template=True).prompt_format == "chat"
+    assert resolve_prompt_format(TaskConfig(name="chain_sum"), chat_template=False).prompt_format == "bare"
+    assert resolve_prompt_format(TaskConfig(name="leg_counting"), False).prompt_format == "instruct"
+    assert resolve_prompt_format(TaskConfig(name="chain_sum", prompt_format="instruct"), True).prompt_format \
+        == "instruct"  # an explicit format is kept
+    assert make_task(TaskConfig(name="leg_counting", test_size=4)).config.prompt_format == "instruct"
+
+
+# Completions SmolLM2-135M-Instruct actually wrote for chain_sum questions + "Reply with just the number."
+# (temperature 0.7), with what a reader would call its answer.
+SMOLLM2_COMPLETIONS = [
+    ("The final answer to this problem is 1.", "1"),
+    ("The final answer to the arithmetic problem is 4 - 1 = 3", "3"),
+    ("1 + 5 = 6", "6"),
+    ("The answer to this arithmetic problem is 8.", "8"),
+    ("5 - 9 = 1", "1"),
+    ("43 and 14 are equal to 17.", "17"),
+    ("The final answer to the specified arithmetic problem is 6.", "6"),
+    ("The final answer to the given equation is 6 + 0 = 6", "6"),
+    ("Improv: 58 + 26 = 84", "84"),
+    ("4 is a positive integer.", "4"),
+    ("A rational expression is a number that can be expressed as a ratio of integers.", None),
+]
+
+
+@pytest.mark.parametrize(("completion", "expected"), SMOLLM2_COMPLETIONS)
+def test_lenient_answer_on_real_smollm2_completions(completion, expected):
+    assert lenient_answer(completion) == expected
+
+
+def test_lenient_answer_prefers_explicit_markers_and_handles_chatty_forms():
+    assert lenient_answer("I think 3. <answer>7</answer> so") == "7"
+    assert lenient_answer("so \\boxed{12} then 5") == "12"
+    assert lenient_answer("The answer is 12, since 5 + 7 = 12 and not 13") == "12"
+    assert lenient_answer("answer: -4. Check: 5 - 9") == "-4"
+    assert lenient_answer("The result is 1,234.") == "1234"
+    assert lenient_answer("The answer is 2.5 exactly") == "2.5"
+
+
+def test_lenient_chat_task_uses_the_instruction_and_compares_numbers():
+    config = TaskConfig(name="chain_sum", prompt_format="chat", instruction="Reply with just the number.",
+                        answer_parser="lenient", test_size=8)
+    task = make_task(config)
+    problem = task.problem("test", 0)
+    assert problem.prompt.endswith("=\nReply with just the number.") and problem.meta["chat"]
+    answer = problem.answer
+    assert task.reward(f"The answer is {answer}.", answer)[0] == 1.0
+    assert task.reward(f"{answer}.0", answer)[0] == 1.0  # numbers compare as numbers
+    assert task.reward(f"{int(answer) + 1}", answer) == (0.0, {"parsed": str(int(answer) + 1), "correct": False})
+    assert task.reward("no idea", answer)[0] == 0.0
+    strict = make_task(TaskConfig(name="chain_sum", prompt_format="chat", test_size=8))
+    assert strict.reward(f"The answer is {answer}.", answer)[0] == 0.0  # tags only, as before
 
 
 # --- registry and config validation -----------------------------------------------------------------------
@@ -150,6 +207,8 @@ def test_unknown_task_name_lists_the_valid_ones():
     ("fields", "named"),
     [
         ({"prompt_format": "xml"}, "prompt_format"),
+        ({"answer_parser": "regex"}, "answer_parser"),
+        ({"instruction": 3}, "instruction"),
         ({"test_size": 0}, "test_size"),
         ({"test_size": True}, "test_size"),
         ({"seed": -1}, "seed"),

@@ -357,17 +357,15 @@ def lm_head_energy_and_terms(policy, batch, temperature, clip_eps, clip_eps_high
     parts, clip_ratios = [], []
     for start in range(0, input_ids.shape[0], size):
         rows = slice(start, start + size)
-        with capture_lm_head_input(policy) as capture:
-            logprobs = completion_logprobs(policy, input_ids[rows], attention_mask[rows], PROMPT_LENGTH,
-                                           temperature)
+        logprobs, logits, hidden = completion_logprobs(policy, input_ids[rows], attention_mask[rows],
+                                                       PROMPT_LENGTH, temperature, return_logits=True)
         old_logprobs = logprobs.detach() - log_ratio[rows]
         loss, stats = clipped_surrogate_loss(logprobs, old_logprobs, advantages[rows], completion_mask[rows],
                                              clip_eps, clip_eps_high)
         (loss * float(completion_mask[rows].sum()) / total_tokens).backward()
         clip_ratios.append(float(stats["clip_ratio"]))
-        hidden = capture.hidden[:, PROMPT_LENGTH - 1:-1]
-        with torch.no_grad():
-            logits = policy.lm_head(hidden)
+        with torch.no_grad():  # the head's own logits at the captured input, as the trainer reuses them
+            torch.testing.assert_close(policy.lm_head(hidden), logits, atol=1e-5, rtol=1e-5)
         terms = theorem2_terms(hidden, logits, input_ids[rows, PROMPT_LENGTH:], advantages[rows],
                                completion_mask[rows], logprobs.detach() - old_logprobs, temperature)
         assert float(terms["r2_mean"]) == pytest.approx(float(stats["r2_mean"]), rel=1e-5)

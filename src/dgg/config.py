@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from dgg.gate import HISTORY_MODES
+from dgg.precision import PRECISIONS
 from dgg.tasks import TaskConfig
 
 REUSE_MODES = ("single", "fixed", "dgg")
@@ -151,13 +152,18 @@ class TrainConfig:
     checkpoint_every: int = 0
     """Write a resumable checkpoint every N batches (0 = only at the end)."""
     threads: int | None = None
-    """torch CPU threads (null: torch's default)."""
+    """torch CPU threads (null: torch's default, capped at the cores this process may run on)."""
+    precision: str = "fp32"
+    """``fp32``, or ``bf16``: bfloat16 autocast of every forward (sampling, scoring, training, evaluation) over
+    float32 master weights; gradients, AdamW's state, the loss reductions and the gate's energy stay float32."""
 
     def __post_init__(self):
         _check(self.max_batches >= 1, "train.max_batches", "an integer >= 1", self.max_batches)
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size",
                "an integer >= 1 or null", self.micro_batch_size)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0", self.checkpoint_every)
+        _check(self.threads is None or self.threads >= 1, "train.threads", "an integer >= 1 or null", self.threads)
+        _check(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", self.precision)
 
 
 @dataclass

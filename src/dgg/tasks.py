@@ -33,7 +33,8 @@ from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
 SPLITS = ("train", "test")
-PROMPT_FORMATS = ("bare", "instruct", "chat")
+PROMPT_FORMATS = ("auto", "bare", "instruct", "chat")
+ANSWER_PARSERS = ("tags", "lenient")
 MATH_TASK_NAME = "math"
 
 # How many train problems one regenerated reasoning-gym chunk holds (random access stays O(1) per chunk).
@@ -83,12 +84,20 @@ class TaskConfig:
     options: dict = field(default_factory=dict)
     """reasoning-gym only: keyword arguments for ``reasoning_gym.create_dataset`` (e.g. ``min_terms``,
     ``max_terms``, ``min_digits``, ``max_digits`` for chain_sum). ``seed`` and ``size`` are set by the task."""
-    prompt_format: str = "bare"
-    """``"bare"``: the bare expression, e.g. ``"57-8="`` (reasoning-gym datasets whose entries carry
+    prompt_format: str = "auto"
+    """``"auto"`` (default): ``"chat"`` when the model's tokenizer has a chat template, else ``"bare"`` where the
+    dataset supports it, else ``"instruct"``. ``"bare"``: the bare expression, e.g. ``"57-8="`` (reasoning-gym datasets whose entries carry
     ``metadata["expression"]``), or the raw question for math. ``"instruct"``: the dataset's question text
     plus an instruction saying where to put the final answer (``\\boxed{}`` for math, ``<answer>`` tags for
     reasoning-gym). ``"chat"``: the same text as instruct, with ``meta["chat"] = True`` so the trainer renders
     it through ``tokenizer.apply_chat_template``."""
+    instruction: str | None = None
+    """instruct/chat only: the sentence after the question that says how to answer. None: the family's default
+    (``<answer>`` tags for reasoning-gym, ``\\boxed{}`` for math); e.g. ``"Reply with just the number."``."""
+    answer_parser: str = "tags"
+    """reasoning-gym instruct/chat only: how the answer is found in a completion. ``"tags"``: the last
+    ``<answer>...</answer>``, else the last ``\\boxed{}`` (reasoning-gym's convention). ``"lenient"``: those,
+    else the number after a final "the answer is", else the last number; numeric answers compare as numbers."""
     path: str | None = None
     """math only (required): a local JSONL file, or a ``datasets`` hub name such as ``"openai/gsm8k"``
     (with ``subset="main"``) or ``"HuggingFaceH4/MATH-500"`` (with ``question_field="problem"``)."""
@@ -127,6 +136,12 @@ class TaskConfig:
             raise ValueError(
                 f"TaskConfig.prompt_format must be one of {PROMPT_FORMATS} (got {self.prompt_format!r})"
             )
+        if self.answer_parser not in ANSWER_PARSERS:
+            raise ValueError(
+                f"TaskConfig.answer_parser must be one of {ANSWER_PARSERS} (got {self.answer_parser!r})"
+            )
+        if self.instruction is not None and not isinstance(self.instruction, str):
+            raise ValueError(f"TaskConfig.instruction must be a string or None (got {self.instruction!r})")
         for name in ("path", "subset", "test_path"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
@@ -222,6 +237,40 @@ def extract_tagged_answer(completion: str) -> str | None:
     if matches:
         return matches[-1].strip()
     return last_boxed(completion)
+
+
+_ANSWER_PHRASE = re.compile(r"\b(?:answer|result)\b(?:[^.\n=]*?\bis\b|\s*:)", flags=re.IGNORECASE)
+_EXPRESSION_RESULT = re.compile(r"[-+*/×x÷()\d\s.,]*?=\s*(-?\d[\d,]*(?:\.\d+)?)")
+
+
+def lenient_answer(completion: str) -> str | None:
+    """The answer of a chatty instruct model: tags, else ``\\boxed{}``, else what follows the last "the
+    answer is" / "answer:" / "the result is" (the value after "=" when an expression follows, as in "the
+    answer is 4 - 1 = 3"; else the first number), else the last number in the text. None: no number at all."""
+    tagged = extract_tagged_answer(completion)
+    if tagged is not None:
+        return tagged
+    phrases = list(_ANSWER_PHRASE.finditer(completion))
+    if phrases:
+        rest = completion[phrases[-1].end():]
+        expression = _EXPRESSION_RESULT.match(rest)
+        number = expression.group(1).replace(",", "") if expression else first_number(rest)
+        if number is not None:
+            return number
+    return last_number(completion)
+
+
+def first_number(text: str) -> str | None:
+    match = _LAST_NUMBER.search(text)
+    return match.group(0).replace(",", "") if match else None
+
+
+def numeric_equal(parsed: str, answer: str) -> bool | None:
+    """Whether two numeric strings are equal as numbers; None when either is not a plain number."""
+    try:
+        return Decimal(parsed.strip().rstrip(".")) == Decimal(answer.strip())
+    except (InvalidOperation, ValueError):
+        return None
 
 
 def gsm8k_ground_truth(answer: str) -> str:
@@ -325,7 +374,11 @@ class ReasoningGymTask:
             parsed = first_bare_token(completion)
             correct = bare_numeric_match(parsed, answer)
             return float(correct), {"parsed": parsed, "correct": correct}
-        parsed = extract_tagged_answer(completion)
+        lenient = self.config.answer_parser == "lenient"
+        parsed = lenient_answer(completion) if lenient else extract_tagged_answer(completion)
+        if lenient and parsed is not None and numeric_equal(parsed, answer) is not None:
+            correct = bool(numeric_equal(parsed, answer))
+            return float(correct), {"parsed": parsed, "correct": correct}
         if problem is not None:
             entry = self._entry(problem.meta["split"], problem.meta["index"])
         else:
@@ -336,7 +389,8 @@ class ReasoningGymTask:
     def _format(self, entry: dict) -> str:
         if self.config.prompt_format == "bare":
             return entry["metadata"]["expression"].replace(" ", "") + "="
-        return f"{entry['question']}\n{ANSWER_TAG_INSTRUCTION}"
+        instruction = ANSWER_TAG_INSTRUCTION if self.config.instruction is None else self.config.instruction
+        return f"{entry['question']}\n{instruction}".rstrip("\n")
 
     def _entry(self, split: str, index: int) -> dict:
         if split == "test":
@@ -522,7 +576,8 @@ class MathTask:
             row = self._train_rows[self._epoch_order(epoch)[position]]
         prompt = row["question"]
         if self.config.prompt_format != "bare":
-            prompt = f"{prompt}\n{MATH_INSTRUCTION}"
+            instruction = MATH_INSTRUCTION if self.config.instruction is None else self.config.instruction
+            prompt = f"{prompt}\n{instruction}".rstrip("\n")
         meta = {
             "task": self.name,
             "split": split,
@@ -564,16 +619,34 @@ def _normalise_question(question: str) -> str:
 # ---------------------------------------------------------------------------------------------------------
 
 
+def resolve_prompt_format(config: TaskConfig, chat_template: bool) -> TaskConfig:
+    """``prompt_format="auto"`` made concrete for a model whose tokenizer has (or lacks) a chat template."""
+    if config.prompt_format != "auto":
+        return config
+    if chat_template:
+        chosen = "chat"
+    elif config.name == MATH_TASK_NAME:
+        chosen = "bare"
+    else:
+        probe = _create_reasoning_gym_dataset(config.name, config.options, seed=0, size=1)
+        chosen = "bare" if "expression" in probe[0].get("metadata", {}) else "instruct"
+    return dataclasses.replace(config, prompt_format=chosen)
+
+
 def make_task(config: TaskConfig) -> Task:
-    """The task named by ``config.name``: ``"math"`` or any reasoning-gym dataset name."""
-    if config.name == MATH_TASK_NAME:
-        return MathTask(config)
-    names = reasoning_gym_names()
-    if config.name not in names:
+    """The task named by ``config.name``: ``"math"`` or any reasoning-gym dataset name.
+
+    ``prompt_format="auto"`` is resolved as for a model without a chat template; a trainer that knows its
+    tokenizer calls :func:`resolve_prompt_format` first."""
+    if config.name != MATH_TASK_NAME and config.name not in reasoning_gym_names():
+        names = reasoning_gym_names()
         raise ValueError(
             f"unknown task {config.name!r}: valid names are {MATH_TASK_NAME!r} and the reasoning-gym datasets "
             f"({len(names)}, also listed by dgg.tasks.reasoning_gym_names()): {', '.join(names)}"
         )
+    config = resolve_prompt_format(config, chat_template=False)
+    if config.name == MATH_TASK_NAME:
+        return MathTask(config)
     return ReasoningGymTask(config)
 
 

@@ -24,11 +24,12 @@ import torch
 from dgg.config import Config, ConfigError, ModelConfig, load_config, save_config
 from dgg.gate import GateDecision, GradientGate
 from dgg.loss import clipped_surrogate_loss, group_advantages, reference_kl
+from dgg.precision import autocast, machine_threads
 from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
 from dgg.rollout import RolloutBatch, completion_logprobs, sample_rollouts, score_old_policy
-from dgg.tasks import Problem, make_task, safe_reward
-from dgg.theory import capture_lm_head_input, merge_theorem2_terms, theorem2_metrics, theorem2_terms
+from dgg.tasks import Problem, make_task, resolve_prompt_format, safe_reward
+from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
 
 log = logging.getLogger("dgg.trainer")
 
@@ -47,7 +48,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_model_path(path: str) -> str:
-    """``default`` -> the embedded warm-started tiny model (built on first use); else the path as given."""
+    """``default`` -> the embedded warm-started tiny model (built on first use); a named model such as
+    ``smollm2-135m-instruct`` -> its converted directory (fetched on first use); else the path as given."""
+    from dgg import models
+
+    if path in models.MODELS:
+        try:
+            return str(models.fetch(path))
+        except models.ModelFetchError as err:
+            raise ConfigError(f"model.path {path!r}: {err}") from err
     if path != "default":
         return path
     from dgg.warmstart import WarmstartConfig, warmstart
@@ -164,8 +173,8 @@ class GRPOTrainer:
     def __init__(self, config: Config, model=None, tokenizer=None, task=None, resume_from: Path | None = None):
         self.config = config
         self.run_dir = Path(config.output.dir)
-        if config.train.threads:
-            torch.set_num_threads(config.train.threads)
+        if config.train.threads or torch.get_num_threads() > machine_threads():  # never oversubscribe the cores
+            torch.set_num_threads(config.train.threads or machine_threads())
         random.seed(config.train.seed)
         torch.manual_seed(config.train.seed)
 
@@ -174,8 +183,15 @@ class GRPOTrainer:
             model, tokenizer = load_policy(config.model, weights_from)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        self.task = task if task is not None else make_task(config.task)
+        if task is None:  # "auto" prompts: the chat template when the tokenizer has one (saved resolved)
+            config.task = resolve_prompt_format(config.task, bool(getattr(tokenizer, "chat_template", None)))
+            task = make_task(config.task)
+        self.task = task
         self.chat = getattr(config.task, "prompt_format", "bare") == "chat"
+        self.precision = config.train.precision
+        # π_old is the policy before the batch's first update, so that update's own forward yields log π_old
+        # for free — unless mini-batches update in between, or dropout makes train and eval forwards differ.
+        self.old_from_first_update = config.reuse.mini_batches == 1 and not has_active_dropout(model)
 
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas,
@@ -250,14 +266,17 @@ class GRPOTrainer:
         self.state.data_position += cfg.rollout.prompts_per_batch
         self.state.batch += 1
         batch = sample_rollouts(self.model, self.tokenizer, problems, cfg.rollout.group_size,
-                                cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p)
+                                cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
+                                self.precision)
         self.state.rollouts += batch.size
         started = time.perf_counter()
-        score_old_policy(self.model, batch, cfg.rollout.temperature, cfg.train.micro_batch_size)
         if self.reference is not None:
-            score_old_policy(self.reference, batch, cfg.rollout.temperature, cfg.train.micro_batch_size)
+            score_old_policy(self.reference, batch, cfg.rollout.temperature, cfg.train.micro_batch_size,
+                             self.precision)
             batch.reference_logprobs, batch.old_logprobs = batch.old_logprobs, None  # same scorer, other model
-            score_old_policy(self.model, batch, cfg.rollout.temperature, cfg.train.micro_batch_size)
+        if not self.old_from_first_update:
+            score_old_policy(self.model, batch, cfg.rollout.temperature, cfg.train.micro_batch_size,
+                             self.precision)
         batch.scoring_seconds = time.perf_counter() - started
         self._score_rewards(batch)
         return batch
@@ -336,19 +355,27 @@ class GRPOTrainer:
         cfg = self.config
         total_tokens = float(batch.completion_mask.sum().clamp(min=1.0))
         size = cfg.train.micro_batch_size or batch.size
+        first_pass = batch.old_logprobs is None  # π_θ = π_old here: this forward scores π_old
+        old_chunks = []
         loss_sum, sums = 0.0, {}
         for start in range(0, batch.size, size):
             rows = slice(start, start + size)
             mask = batch.completion_mask[rows]
             weight = float(mask.sum()) / total_tokens  # this micro-batch's share of the 1/T average
-            with capture_lm_head_input(self.model) as capture:
-                logprobs = completion_logprobs(self.model, batch.input_ids[rows], batch.attention_mask[rows],
-                                               batch.prompt_length, cfg.rollout.temperature)
+            with autocast(self.device, self.precision):
+                scored = completion_logprobs(self.model, batch.input_ids[rows], batch.attention_mask[rows],
+                                             batch.prompt_length, cfg.rollout.temperature,
+                                             return_logits=self.check_theorem2)
+            logprobs, logits, hidden = scored if self.check_theorem2 else (scored, None, None)
+            old_logprobs = logprobs.detach() if first_pass else batch.old_logprobs[rows]
+            old_chunks.append(old_logprobs)
             if self.check_theorem2:
                 theory_started = time.perf_counter()
-                self._theorem2_parts.append(self._theorem2_terms(batch, rows, capture.hidden, logprobs))
+                self._theorem2_parts.append(self._theorem2_terms(batch, rows, hidden, logits, logprobs,
+                                                                 old_logprobs))
                 self._theorem2_seconds += time.perf_counter() - theory_started
-            loss, stats = clipped_surrogate_loss(logprobs, batch.old_logprobs[rows], batch.advantages[rows], mask,
+            del logits, hidden
+            loss, stats = clipped_surrogate_loss(logprobs, old_logprobs, batch.advantages[rows], mask,
                                                  cfg.loss.clip_eps, cfg.loss.clip_eps_high)
             if self.reference is not None:
                 kl = reference_kl(logprobs, batch.reference_logprobs[rows], mask)
@@ -362,14 +389,15 @@ class GRPOTrainer:
                 reduce_max = key == "ratio_max"
                 previous = sums.get(key, -math.inf if reduce_max else 0.0)
                 sums[key] = max(previous, float(value)) if reduce_max else previous + float(value) * weight
+        if first_pass:
+            batch.old_logprobs = torch.cat(old_chunks)
         return loss_sum, sums
 
     @torch.no_grad()
-    def _theorem2_terms(self, batch: RolloutBatch, rows: slice, hidden: torch.Tensor, logprobs: torch.Tensor):
-        hidden = hidden[:, batch.prompt_length - 1:-1]  # (n, R, d): the positions that predict completions
-        logits = self.model.get_output_embeddings()(hidden)
-        return theorem2_terms(hidden, logits, batch.input_ids[rows, batch.prompt_length:], batch.advantages[rows],
-                              batch.completion_mask[rows], logprobs.detach() - batch.old_logprobs[rows],
+    def _theorem2_terms(self, batch: RolloutBatch, rows: slice, hidden: torch.Tensor, logits: torch.Tensor,
+                        logprobs: torch.Tensor, old_logprobs: torch.Tensor):
+        return theorem2_terms(hidden.float(), logits, batch.input_ids[rows, batch.prompt_length:],
+                              batch.advantages[rows], batch.completion_mask[rows], logprobs.detach() - old_logprobs,
                               self.config.rollout.temperature, lm_head_bias=self._lm_head_bias)
 
     def _theorem2_check(self, energy: float) -> dict[str, float]:
@@ -459,7 +487,7 @@ class GRPOTrainer:
             torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.batch)
             for i in range(0, count, chunk):
                 batch = sample_rollouts(self.model, self.tokenizer, problems[i:i + chunk], cfg.eval.samples,
-                                        cfg.rollout.max_new_tokens, cfg.eval.temperature, 1.0)
+                                        cfg.rollout.max_new_tokens, cfg.eval.temperature, 1.0, self.precision)
                 for problem, text in zip(batch.problems, batch.completions):
                     rewards.append(float(safe_reward(self.task, text, problem.answer, cfg.task.reward_timeout_s, problem)[0]))
         accuracy = sum(rewards) / len(rewards)
@@ -522,6 +550,19 @@ class GRPOTrainer:
         if metrics_path.exists():
             with open(metrics_path, "r+b") as f:
                 f.truncate(saved["metrics_offset"])
+
+
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop",
+                       "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def has_active_dropout(model) -> bool:
+    """True when a train-mode forward can differ from an eval-mode one (a dropout module or config rate > 0)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return any(isinstance(getattr(config, key, 0), (int, float)) and getattr(config, key, 0) > 0
+               for key in DROPOUT_CONFIG_KEYS)
 
 
 def _global_grad_norm(optimizer) -> float:

