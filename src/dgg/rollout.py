@@ -79,20 +79,21 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     """
     positions = position_ids_for(attention_mask)
     completion_length = input_ids.shape[1] - prompt_length
+    groups = None
     with _record_lm_head_inputs(model, return_hidden) as seen:
         if not _accepts_logits_to_keep(model):
             logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                            use_cache=False).logits[:, prompt_length - 1:-1]
-            hidden = (lambda: seen[0][:, prompt_length - 1:-1])
         elif (groups := prompt_groups(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])) is None:
             logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                            use_cache=False, logits_to_keep=completion_length + 1).logits[:, :-1]
-            hidden = (lambda: seen[0][:, :-1])
         else:
-            owner = groups[1]
             logits = _logits_with_shared_prompts(model, input_ids, attention_mask, positions, prompt_length, *groups)
-            hidden = (lambda: torch.cat([seen[0][owner], *seen[1:]], dim=1))
-    return (logits, hidden()) if return_hidden else logits
+    if not return_hidden:
+        return logits
+    if groups is not None:  # the prompt pass's last position, per completion, then the completion pass
+        return logits, torch.cat([seen[0][groups[1]], *seen[1:]], dim=1)
+    return logits, seen[0][:, -(completion_length + 1):-1]
 
 
 @contextlib.contextmanager
