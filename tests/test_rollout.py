@@ -100,3 +100,20 @@ def test_shared_prompts_run_once_and_give_the_same_logits_hidden_states_and_grad
     (shared * weights).sum().backward()
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_generation_from_a_shared_prompt_cache_samples_what_plain_generation_samples(tiny_model_dir, monkeypatch):
+    import dgg.rollout as rollout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    problems = [Problem("1+2=", "3", {}), Problem("10+20+30=", "60", {})]
+    assert rollout.shared_prompt_cache(model, torch.tensor([[5, 6], [5, 7]]), torch.ones(2, 2)) == {}
+    batches = []
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(rollout, "shared_prompt_cache", lambda *args: {})
+        torch.manual_seed(4)
+        batches.append(sample_rollouts(model, tokenizer, problems, group_size=4, max_new_tokens=5))
+    assert batches[0].completions == batches[1].completions
+    assert torch.equal(batches[0].input_ids, batches[1].input_ids)

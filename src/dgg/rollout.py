@@ -183,6 +183,23 @@ def mask_after_eos(completion_ids: torch.Tensor, eos_token_id: int | list[int] |
     return (eos_seen_before == 0).float()
 
 
+def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+    """``generate`` keyword arguments that start it from a cache of all but the last prompt token, computed
+    once per distinct prompt and repeated for its G completions (the group shares the prefill); {} when no
+    two adjacent rows share a prompt or the model takes no cache."""
+    groups = prompt_groups(input_ids, attention_mask)
+    if groups is None or input_ids.shape[1] < 2 or not _accepts_logits_to_keep(model):
+        return {}
+    first, owner = groups
+    mask = attention_mask[first, :-1]
+    prefill = model(input_ids=input_ids[first, :-1], attention_mask=mask, position_ids=position_ids_for(mask),
+                    use_cache=True, logits_to_keep=1)
+    name = _cache_argument(model)
+    cache = prefill[name]
+    cache.batch_select_indices(owner)
+    return {name: cache}
+
+
 @torch.no_grad()
 def sample_rollouts(model, tokenizer, problems: list[Problem], group_size: int, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, precision: str = "fp32") -> RolloutBatch:
@@ -204,7 +221,7 @@ def sample_rollouts(model, tokenizer, problems: list[Problem], group_size: int, 
         output = model.generate(
             input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature,
             top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=tokenizer.eos_token_id, **shared_prompt_cache(model, input_ids, attention_mask),
         )
     completion_ids = output[:, prompt_length:]
     completion_mask = mask_after_eos(completion_ids, tokenizer.eos_token_id)
