@@ -18,6 +18,7 @@ import yaml
 
 from dgg.gate import HISTORY_MODES
 from dgg.precision import PRECISIONS
+from dgg.reuse_rules import KL_ESTIMATORS, RuleSettings, parse_rule_names
 from dgg.tasks import TaskConfig
 
 REUSE_MODES = ("single", "fixed", "dgg")
@@ -125,6 +126,23 @@ class ReuseConfig:
     """Optimizer steps per pass over the batch (1 = full-batch update, as in the paper's Algorithm 1)."""
     tied: str = "output"
     """For tied embeddings, which part of the shared gradient the probe measures: ``output`` or ``total``."""
+    rule: str | None = None
+    """Which reuse rule decides, per attempt and before the optimizer, to drop the step and end the batch's
+    reuse (dgg.reuse_rules): ``dgg`` (the paper's gate), ``kl`` (SB3's target_kl), ``clip``, ``m2``,
+    ``nosignal``, ``none``, or several joined with ``+`` (``dgg+nosignal``). null: ``dgg`` in dgg mode,
+    ``none`` in single and fixed mode."""
+    target_kl: float = 0.02
+    """kl rule: stop when the attempt's approximate KL to π_old exceeds 1.5 × target_kl (SB3's semantics)."""
+    kl_estimator: str = "k3"
+    """kl rule: ``k3`` = mean((r − 1) − log r) (SB3's approx_kl) or ``k1`` = mean(log π_old − log π_θ)
+    (Spinning Up's)."""
+    target_clip: float = 0.2
+    """clip rule: stop when more than this fraction of the attempt's active tokens is clipped."""
+    target_m2: float = 0.04
+    """m2 rule: stop when mean((log r)²) over the attempt's active tokens exceeds this."""
+    signal_floor: float = 1e-3
+    """nosignal rule: at k > 1, drop a step whose lm_head energy is below signal_floor × the batch's k = 1
+    energy (0 disables that part; a batch with no non-zero advantage is always dropped)."""
 
     def __post_init__(self):
         _check(self.mode in REUSE_MODES, "reuse.mode", f"one of {REUSE_MODES}", self.mode)
@@ -134,6 +152,27 @@ class ReuseConfig:
         _check(self.history in HISTORY_MODES, "reuse.history", f"one of {HISTORY_MODES}", self.history)
         _check(self.mini_batches >= 1, "reuse.mini_batches", "an integer >= 1", self.mini_batches)
         _check(self.tied in ("output", "total"), "reuse.tied", "output or total", self.tied)
+        if self.rule is not None:
+            try:
+                parse_rule_names(self.rule)
+            except ValueError as err:
+                raise ConfigError(f"reuse.rule: {err}") from None
+        _check(self.target_kl > 0, "reuse.target_kl", "> 0", self.target_kl)
+        _check(self.kl_estimator in KL_ESTIMATORS, "reuse.kl_estimator", f"one of {KL_ESTIMATORS}",
+               self.kl_estimator)
+        _check(self.target_clip > 0, "reuse.target_clip", "> 0", self.target_clip)
+        _check(self.target_m2 > 0, "reuse.target_m2", "> 0", self.target_m2)
+        _check(self.signal_floor >= 0, "reuse.signal_floor", ">= 0", self.signal_floor)
+
+    @property
+    def rule_spec(self) -> str:
+        """The rule in force: ``rule``, or the mode's own (``dgg`` for dgg mode, ``none`` otherwise)."""
+        return self.rule if self.rule is not None else ("dgg" if self.mode == "dgg" else "none")
+
+    def rule_settings(self) -> RuleSettings:
+        return RuleSettings(tau=self.tau, window=self.window, history=self.history, target_kl=self.target_kl,
+                            kl_estimator=self.kl_estimator, target_clip=self.target_clip,
+                            target_m2=self.target_m2, signal_floor=self.signal_floor)
 
     @property
     def passes(self) -> int:

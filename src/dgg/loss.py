@@ -45,7 +45,8 @@ def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, a
 
     Returns the loss to minimise and detached per-batch statistics: ``clip_ratio`` (fraction of active tokens
     whose gradient the clip removes), ``kl`` (k3 estimate of KL(π_old‖π_θ) on the sampled tokens),
-    ``chi2`` (χ̂² = mean(r²) − 1 of Theorem 2), ``r2_mean`` and ``ratio_max``.
+    ``chi2`` (χ̂² = mean(r²) − 1 of Theorem 2), ``r2_mean``, ``ratio_max``, and the mean and second moment of
+    log r (``log_ratio_mean``: minus Spinning Up's KL estimate; ``log_ratio_sq_mean``: M2PO's statistic).
     """
     high = clip_eps if clip_eps_high is None else clip_eps_high
     mask = mask.to(logprobs.dtype)
@@ -66,6 +67,8 @@ def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, a
             "chi2": masked_mean(ratio_d.square(), mask) - 1.0,
             "r2_mean": masked_mean(ratio_d.square(), mask),
             "ratio_max": ratio_d[active].max() if active.any() else ratio_d.new_tensor(1.0),
+            "log_ratio_mean": masked_mean(log_ratio_d, mask),
+            "log_ratio_sq_mean": masked_mean(log_ratio_d.square(), mask),
         }
     return loss, stats
 

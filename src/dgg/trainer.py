@@ -22,11 +22,11 @@ from typing import Any
 import torch
 
 from dgg.config import Config, ConfigError, ModelConfig, load_config, save_config
-from dgg.gate import GateDecision, GradientGate
 from dgg.loss import clipped_surrogate_loss, group_advantages, reference_kl
 from dgg.precision import autocast, machine_threads
 from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
+from dgg.reuse_rules import AttemptSignals, DGGRule, Verdict, make_rule
 from dgg.rollout import RolloutBatch, completion_logprobs, sample_rollouts, score_old_policy
 from dgg.tasks import Problem, make_task, resolve_prompt_format, safe_reward
 from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
@@ -200,9 +200,11 @@ class GRPOTrainer:
         if config.loss.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
-        # In single and fixed modes the gate only watches (τ = ∞): its z-scores are still logged (Fig. 3).
-        tau = config.reuse.tau if config.reuse.mode == "dgg" else math.inf
-        self.gate = GradientGate(tau=tau, window=config.reuse.window, history=config.reuse.history)
+        # The reuse rule decides (the paper's gate by default in dgg mode). Without a dgg rule the gate still
+        # watches (τ = ∞, applied steps only), so its z-scores are logged in every mode (Fig. 3).
+        self.rule = make_rule(config.reuse.rule_spec, config.reuse.rule_settings())
+        self.watch = self.rule.find("dgg") or DGGRule(math.inf, config.reuse.window, config.reuse.history)
+        self.gate = self.watch.gate
         self.probe = LMHeadGradProbe(model, tied=config.reuse.tied)
         self.profiler = WeightChangeProfiler(model, config.profile.snapshot_on_cpu) \
             if config.profile.weights_every else None
@@ -329,13 +331,24 @@ class GRPOTrainer:
             return self._skip(batch, reuse_index, stats, loss, started, "non_finite_loss")
         gate_started = time.perf_counter()
         energy = float(self.probe.energy())  # line 5: g_t, read before any clipping
-        decision = self.gate.observe(energy, reuse_index)  # line 6
-        stats["perf/gate_seconds"] = time.perf_counter() - gate_started  # the whole cost of DGG per update
         grad_norm = _global_grad_norm(self.optimizer)
+        if not (math.isfinite(energy) and math.isfinite(grad_norm)):
+            return self._skip(batch, reuse_index, stats, loss, started, "non_finite_grad", energy, grad_norm)
+        signals = AttemptSignals(
+            reuse_index=reuse_index, lm_head_energy=energy, approx_kl=stats.get("kl"),
+            log_ratio_mean=stats.get("log_ratio_mean"), log_ratio_sq_mean=stats.get("log_ratio_sq_mean"),
+            clip_fraction=stats.get("clip_ratio"), ratio_max=stats.get("ratio_max"), grad_norm=grad_norm,
+            active_tokens=int(batch.completion_mask.sum()), has_signal=bool(batch.advantages.abs().max() > 0))
+        decision = self.rule.observe(signals)  # line 6: the gate (or another rule) decides
+        if self.watch not in self.rule.rules:
+            decision = Verdict(decision.apply, decision.reason, {**self.watch.decide(signals).values,
+                                                                 **decision.values})
+            self.watch.record(signals, decision.apply)
+        stats["perf/gate_seconds"] = time.perf_counter() - gate_started  # the whole cost of DGG per update
+        stats["active_tokens"], stats["has_signal"] = signals.active_tokens, signals.has_signal
         stats.update(self._theorem2_check(energy))
-        if decision.discard or not math.isfinite(grad_norm):  # line 7
-            reason = decision.reason if decision.discard else "non_finite_grad"
-            return self._skip(batch, reuse_index, stats, loss, started, reason, energy, grad_norm, decision)
+        if not decision.apply:  # line 7
+            return self._skip(batch, reuse_index, stats, loss, started, decision.reason, energy, grad_norm, decision)
 
         if self.config.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params(), self.config.optim.grad_clip)
@@ -413,11 +426,11 @@ class GRPOTrainer:
         return values
 
     def _skip(self, batch, reuse_index, stats, loss, started, reason, energy=None, grad_norm=None,
-              decision: GateDecision | None = None) -> bool:
+              decision: Verdict | None = None) -> bool:
         """Drop this update's gradient before the optimizer: AdamW's moments and step count stay untouched."""
         self.optimizer.zero_grad(set_to_none=True)
         self.probe.reset()
-        if reason != "zscore":
+        if reason in ("non_finite_loss", "non_finite_grad"):
             self.state.nonfinite_skips += 1
         self._log_update(reuse_index, stats, loss, energy, grad_norm, decision, started, applied=False,
                          reason=reason)
@@ -434,6 +447,7 @@ class GRPOTrainer:
 
     def _log_update(self, reuse_index, stats, loss, energy, grad_norm, decision, started, applied, reason=None):
         self._tick()
+        values = decision.values if decision is not None else {}
         values = {
             "reuse_index": reuse_index,
             "update": self.state.updates,
@@ -443,11 +457,14 @@ class GRPOTrainer:
             "actor/lm_head_grad_energy": _finite_or_none(energy),
             **{(k if "/" in k else f"actor/{k}"): v for k, v in stats.items()},
             "actor/nonfinite_skips": self.state.nonfinite_skips,
-            "gate/z": _finite_or_none(decision.z) if decision else None,
-            "gate/delta": _finite_or_none(decision.delta) if decision else None,
-            "gate/ready": decision.ready if decision else False,
-            "gate/discard": bool(decision.discard) if decision else False,
-            "gate/reason": reason,
+            "gate/z": _finite_or_none(values.get("dgg/z")),
+            "gate/delta": _finite_or_none(values.get("dgg/delta")),
+            "gate/ready": bool(values.get("dgg/ready", False)),
+            "gate/discard": reason == "dgg:zscore",  # the paper's gate dropped this step
+            "gate/reason": "zscore" if reason == "dgg:zscore" else reason,
+            "reuse/stop": reason is not None and not reason.startswith("non_finite"),
+            "reuse/stop_reason": reason,
+            **{k: v for k, v in values.items() if not k.startswith("dgg/")},
             "perf/update_seconds": time.perf_counter() - started,
         }
         self.metrics.write("update", self.state, values)
@@ -467,6 +484,7 @@ class GRPOTrainer:
             "rollout/scoring_seconds": batch.scoring_seconds,
             "gate/reuse_count": reuse_count,
             "gate/discards": self.gate.discards_by_reason.get("zscore", 0),
+            "reuse/stops": sum(self.rule.stops_by_reason.values()),
             "actor/updates": self.state.updates,
         })
 
@@ -522,6 +540,8 @@ class GRPOTrainer:
             "state": asdict(self.state),
             "optimizer": self.optimizer.state_dict(),
             "gate": self.gate.state_dict(),
+            "reuse_rule": self.rule.state_dict(),
+            "watch": self.watch.state_dict(),
             "profiler": self.profiler.state_dict() if self.profiler else None,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -539,7 +559,11 @@ class GRPOTrainer:
         saved = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
         self.state = RunState(**saved["state"])
         self.optimizer.load_state_dict(saved["optimizer"])
-        self.gate.load_state_dict(saved["gate"])
+        if "reuse_rule" in saved:
+            self.rule.load_state_dict(saved["reuse_rule"])
+            self.watch.load_state_dict(saved["watch"])
+        else:  # a checkpoint from before reuse rules: the gate was the only state
+            self.gate.load_state_dict(saved["gate"])
         if self.profiler and saved["profiler"] is not None:
             self.profiler.load_state_dict(saved["profiler"])
         torch.set_rng_state(saved["rng"]["torch"].cpu())
