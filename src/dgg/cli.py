@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("dgg.commands.bench", "run a named benchmark experiment over seeds"),
     "report": ("dgg.commands.report", "analyse a benchmark directory from its metrics files"),
     "constants": ("dgg.commands.constants", "measure the architectural constants of Theorem 1 (Table 2)"),
+    "replay": ("dgg.commands.replay", "where reuse rules (dgg, kl, clip, ...) would have stopped on a run's log"),
     "model": ("dgg.commands.model", "list or fetch the named real models (e.g. smollm2-135m-instruct)"),
 }
 

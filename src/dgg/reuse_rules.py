@@ -28,7 +28,6 @@ Every rule except ``nosignal`` always applies the first step of a batch (k = 1),
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -323,14 +322,11 @@ def replay(records: list[dict], rule: CombinedRule) -> list[dict]:
     """
     stops, stopped_batch = [], None
     for record in records:
-        if record.get("kind") != "update" or record.get("actor/applied") is False and record.get("gate/reason") \
-                in ("non_finite_loss", "non_finite_grad"):
+        if record.get("kind") != "update" or record["batch"] == stopped_batch:
             continue
-        if record["batch"] == stopped_batch:
+        if str(record.get("gate/reason")).startswith("non_finite"):  # never reached any rule in the run either
             continue
         signals = AttemptSignals.from_record(record)
-        if signals.lm_head_energy is not None and not math.isfinite(signals.lm_head_energy):
-            continue
         verdict = rule.observe(signals)
         if not verdict.apply:
             stopped_batch = record["batch"]
