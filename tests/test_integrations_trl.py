@@ -261,6 +261,7 @@ def test_gate_state_is_saved_with_checkpoints_and_restored(tiny_model_dir, tmp_p
     )
     trainer.train()
     saved = json.loads((tmp_path / "checkpoint-2" / GATE_STATE_FILE).read_text())
+    assert saved.pop("reuse_rule")["rules"] == ["dgg"]
     assert saved == trainer.dgg_gate.state_dict() and saved["observations"] == 2
 
     resumed = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=3)
@@ -294,3 +295,22 @@ def test_two_processes_make_the_same_gate_decisions(tiny_model_dir, tmp_path):
     assert [d["reuse_index"] for d in rank0["decisions"]] == [1, 2, 3, 1, 2, 1]
     assert [d["discard"] for d in rank0["decisions"]] == [False, False, False, False, True, False]
     assert rank0["weights_sha256"] == rank1["weights_sha256"]
+
+
+def test_the_kl_rule_stops_reuse_inside_trl_with_sb3_semantics(tiny_model_dir, tmp_path):
+    """rule=kl: the approximate KL of each optimizer step decides; k = 1 is always applied."""
+    trainer = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=2, num_iterations=2,
+                           dgg_rule="kl", dgg_target_kl=1e-9)
+    trainer.train()
+    assert trainer.dgg_gate is None and trainer.dgg_rule.name == "kl"
+    logs = [entry for entry in trainer.state.log_history if "gate/reuse_index" in entry]
+    assert [entry["gate/reuse_index"] for entry in logs] == [1.0, 2.0]
+    assert [entry["gate/discard"] for entry in logs] == [0.0, 1.0]  # KL > 1.5e-9 after one step at lr 1e-2
+    assert logs[0]["actor/approx_kl"] == pytest.approx(0.0, abs=1e-7) and logs[1]["actor/approx_kl"] > 1.5e-9
+    assert trainer.dgg_rule.stops_by_reason == {"kl": 1}
+    assert trainer.dgg_last_signals.active_tokens > 0 and trainer.dgg_last_signals.has_signal is not None
+
+
+def test_unknown_rule_names_are_refused_by_the_config(tmp_path):
+    with pytest.raises(ValueError, match="valid rules"):
+        DGGGRPOConfig(**tiny_config_kwargs(str(tmp_path), dgg_rule="sb3"))

@@ -11,7 +11,14 @@ import torch
 from dgg.cli import main as cli_main
 from dgg.config import ConfigError, load_config
 from dgg.gate import GradientGate
-from dgg.reuse_rules import AttemptSignals, RuleSettings, RuleSignalMissing, make_rule, parse_rule_names, replay
+from dgg.reuse_rules import (
+    AttemptSignals,
+    RuleSettings,
+    RuleSignalMissing,
+    make_rule,
+    parse_rule_names,
+    replay,
+)
 from test_trainer import DigitTask, make_trainer, optimizer_snapshot, read_metrics, strip_timing
 
 

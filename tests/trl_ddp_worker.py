@@ -20,11 +20,10 @@ class RecordDecisions(TrainerCallback):
         self.decisions = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        decision = self.trainer.dgg_last_decision
-        reuse_index = self.trainer._metrics["train"]["gate/reuse_index"][-1]
+        decision, signals = self.trainer.dgg_last_decision, self.trainer.dgg_last_signals
         self.decisions.append(
-            {"step": state.global_step, "reuse_index": int(reuse_index), "energy": decision.energy,
-             "z": decision.z, "discard": decision.discard}
+            {"step": state.global_step, "reuse_index": signals.reuse_index, "energy": signals.lm_head_energy,
+             "z": decision.values.get("dgg/z"), "discard": not decision.apply}
         )
 
 

@@ -58,19 +58,38 @@ def clipped_surrogate_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, a
     objective = torch.minimum(unclipped, clipped)
     loss = -masked_mean(objective, mask)
 
-    with torch.no_grad():
-        ratio_d, log_ratio_d = ratio.detach(), log_ratio.detach()
-        active = mask > 0
-        stats = {
-            "clip_ratio": masked_mean((clipped.detach() < unclipped.detach()).to(mask.dtype), mask),
-            "kl": masked_mean(ratio_d - 1.0 - log_ratio_d, mask),
-            "chi2": masked_mean(ratio_d.square(), mask) - 1.0,
-            "r2_mean": masked_mean(ratio_d.square(), mask),
-            "ratio_max": ratio_d[active].max() if active.any() else ratio_d.new_tensor(1.0),
-            "log_ratio_mean": masked_mean(log_ratio_d, mask),
-            "log_ratio_sq_mean": masked_mean(log_ratio_d.square(), mask),
-        }
+    stats = ratio_statistics(logprobs.detach(), old_logprobs, advantages, mask, clip_eps, high)
     return loss, stats
+
+
+@torch.no_grad()
+def ratio_statistics(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor,
+                     mask: torch.Tensor, clip_eps: float = 0.2, clip_eps_high: float | None = None
+                     ) -> dict[str, torch.Tensor]:
+    """How far π_θ has moved from π_old on the sampled tokens: the signals reuse rules read.
+
+    Means are over the active tokens of ``mask``. ``kl``: SB3's approx_kl, mean((r − 1) − log r) (k3);
+    ``log_ratio_mean``: mean(log r) (Spinning Up's KL estimate is its negative); ``log_ratio_sq_mean``:
+    mean((log r)²) (M2PO's statistic); ``clip_ratio``: share of tokens whose gradient the clip of Eq. 1
+    removes; ``chi2`` = mean(r²) − 1 and ``r2_mean`` (Theorem 2); ``ratio_max``. ``advantages`` is (N,) or
+    (N, R)."""
+    high = clip_eps if clip_eps_high is None else clip_eps_high
+    mask = mask.to(logprobs.dtype)
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    adv = advantages.to(logprobs.dtype)
+    adv = adv.unsqueeze(1) if adv.dim() == 1 else adv
+    clipped_away = torch.clamp(ratio, 1.0 - clip_eps, 1.0 + high) * adv < ratio * adv
+    active = mask > 0
+    return {
+        "clip_ratio": masked_mean(clipped_away.to(mask.dtype), mask),
+        "kl": masked_mean(ratio - 1.0 - log_ratio, mask),
+        "chi2": masked_mean(ratio.square(), mask) - 1.0,
+        "r2_mean": masked_mean(ratio.square(), mask),
+        "ratio_max": ratio[active].max() if active.any() else ratio.new_tensor(1.0),
+        "log_ratio_mean": masked_mean(log_ratio, mask),
+        "log_ratio_sq_mean": masked_mean(log_ratio.square(), mask),
+    }
 
 
 def reference_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

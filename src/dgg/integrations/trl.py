@@ -39,6 +39,8 @@ except ImportError as error:  # trl is an optional extra
 from accelerate.utils import DistributedType, broadcast
 
 from dgg.gate import HISTORY_MODES, GradientGate
+from dgg.loss import ratio_statistics
+from dgg.reuse_rules import KL_ESTIMATORS, AttemptSignals, RuleSettings, Verdict, make_rule, parse_rule_names
 
 GATE_STATE_FILE = "dgg_gate_state.json"
 
@@ -114,6 +116,30 @@ class DGGGRPOConfig(GRPOConfig):
     )
     """How :class:`dgg.LMHeadGradProbe` reads the gradient of an lm_head tied to the input embedding."""
 
+    dgg_rule: str = field(
+        default="dgg",
+        metadata={"help": "Reuse rule (dgg.reuse_rules): dgg, kl, clip, m2, nosignal, none, or a '+' combination."},
+    )
+    """Which reuse rule decides (see ``dgg.reuse_rules``): ``dgg`` (the paper's gate, default), ``kl``
+    (SB3's target_kl), ``clip``, ``m2``, ``nosignal``, ``none``, or a combination such as ``dgg+nosignal``."""
+
+    dgg_target_kl: float = field(default=0.02, metadata={"help": "kl rule: stop when approx KL > 1.5 x this."})
+    """kl rule: stop reusing when the step's approximate KL to π_old exceeds 1.5 × this (SB3)."""
+    dgg_kl_estimator: str = field(default="k3", metadata={"help": "kl rule: k3 (SB3) or k1 (Spinning Up)."})
+    """kl rule: ``k3`` = mean((r − 1) − log r) or ``k1`` = mean(log π_old − log π_θ)."""
+    dgg_target_clip: float = field(default=0.2, metadata={"help": "clip rule: stop above this clipped share."})
+    """clip rule: stop when more than this share of the step's tokens is clipped."""
+    dgg_target_m2: float = field(default=0.04, metadata={"help": "m2 rule: stop when mean((log r)^2) exceeds this."})
+    """m2 rule: stop when mean((log r)²) over the step's tokens exceeds this."""
+    dgg_signal_floor: float = field(default=1e-3, metadata={"help": "nosignal rule: relative energy floor at k > 1."})
+    """nosignal rule: drop a reuse step whose energy is below this × the batch's first energy."""
+
+    def rule_settings(self) -> RuleSettings:
+        return RuleSettings(tau=self.dgg_tau, window=self.dgg_window, history=self.dgg_history,
+                            target_kl=self.dgg_target_kl, kl_estimator=self.dgg_kl_estimator,
+                            target_clip=self.dgg_target_clip, target_m2=self.dgg_target_m2,
+                            signal_floor=self.dgg_signal_floor)
+
     def __post_init__(self):
         super().__post_init__()  # derives steps_per_generation, which the check below needs
         if not isinstance(self.dgg_enabled, bool):
@@ -126,6 +152,11 @@ class DGGGRPOConfig(GRPOConfig):
         if self.dgg_history not in HISTORY_MODES:
             raise ValueError(f"dgg_history must be one of {HISTORY_MODES} (got {self.dgg_history!r})")
         _validate_tied(self.dgg_tied)
+        parse_rule_names(self.dgg_rule)  # raises, listing the valid names
+        if self.dgg_kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"dgg_kl_estimator must be one of {KL_ESTIMATORS} (got {self.dgg_kl_estimator!r})")
+        self.rule_settings()  # validates the thresholds through the rules' own checks
+        make_rule(self.dgg_rule, self.rule_settings())
         if self.dgg_enabled and self.steps_per_generation % self.gradient_accumulation_steps != 0:
             raise ValueError(
                 f"DGG needs steps_per_generation ({self.steps_per_generation}) to be a multiple of "
@@ -160,8 +191,10 @@ class DGGGRPOTrainer(GRPOTrainer):
     TRL callbacks (``on_pre_optimizer_step``) come after clipping, so they cannot see g_t unclipped.
 
     Attributes:
-        dgg_gate: the :class:`dgg.GradientGate`; ``None`` when DGG is disabled.
-        dgg_last_decision: the :class:`dgg.GateDecision` of the latest optimizer step (``None`` before the first).
+        dgg_rule: the reuse rule (:func:`dgg.reuse_rules.make_rule` of ``args.dgg_rule``); ``None`` when disabled.
+        dgg_gate: the paper's :class:`dgg.GradientGate` inside that rule; ``None`` when disabled or not used.
+        dgg_last_decision: the :class:`dgg.reuse_rules.Verdict` of the latest optimizer step.
+        dgg_last_signals: the :class:`dgg.reuse_rules.AttemptSignals` it was decided on.
     """
 
     def __init__(self, model, reward_funcs=None, args: DGGGRPOConfig | None = None, *positional, **kwargs):
@@ -175,35 +208,102 @@ class DGGGRPOTrainer(GRPOTrainer):
             )
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         self.dgg_gate: GradientGate | None = None
-        self.dgg_last_decision = None
+        self.dgg_rule = None
+        self.dgg_last_decision: Verdict | None = None
+        self.dgg_last_signals: AttemptSignals | None = None
         self._dgg_probe = None
+        self._dgg_ratio_sums: dict[str, float] = {}
         if not args.dgg_enabled:
             return
         _refuse_unsupported_distribution(self.accelerator.distributed_type)
-        self.dgg_gate = GradientGate(tau=args.dgg_tau, window=args.dgg_window, history=args.dgg_history)
+        self.dgg_rule = make_rule(args.dgg_rule, args.rule_settings())
+        dgg = self.dgg_rule.find("dgg")
+        self.dgg_gate = dgg.gate if dgg is not None else None
 
     # ---- the gate, once per optimizer step -------------------------------------------------------------
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)  # forward + backward; TRL's _step += 1
-        if self.dgg_gate is not None and self.accelerator.sync_gradients:
+        if self.dgg_rule is not None and self.accelerator.sync_gradients:
             self._gate_optimizer_step(model)
         return loss
+
+    def _compute_loss(self, model, inputs):
+        """TRL's loss, plus the ratio statistics of this micro-step for the rules (log π_θ is captured from the
+        forward TRL runs anyway; nothing is recomputed)."""
+        if self.dgg_rule is None:
+            return super()._compute_loss(model, inputs)
+        captured = []
+        forward = self._get_per_token_logps_and_entropies
+
+        def capture(*args, **kwargs):
+            out = forward(*args, **kwargs)
+            captured.append(out[0])
+            return out
+
+        self._get_per_token_logps_and_entropies = capture
+        try:
+            loss = super()._compute_loss(model, inputs)
+        finally:
+            del self._get_per_token_logps_and_entropies  # back to the class's method
+        if captured:
+            self._accumulate_ratio_statistics(captured[0].detach(), inputs)
+        return loss
+
+    def _accumulate_ratio_statistics(self, logps, inputs) -> None:
+        mask = inputs["completion_mask"]
+        if "tool_mask" in inputs:
+            mask = mask * inputs["tool_mask"]
+        old = inputs.get("old_per_token_logps")
+        old = logps if old is None else old  # TRL skips π_old when it equals π_θ (one pass per batch)
+        stats = ratio_statistics(logps, old, inputs["advantages"], mask, self.args.epsilon,
+                                 getattr(self.args, "epsilon_high", None))
+        tokens = float(mask.sum())
+        sums = self._dgg_ratio_sums
+        for key, value in stats.items():
+            if key == "ratio_max":
+                sums[key] = max(sums.get(key, -math.inf), float(value))
+            else:
+                sums[key] = sums.get(key, 0.0) + float(value) * tokens
+        sums["tokens"] = sums.get("tokens", 0.0) + tokens
+        sums["has_signal"] = float(sums.get("has_signal", 0.0) or bool(inputs["advantages"].abs().max() > 0))
 
     def _gate_optimizer_step(self, model) -> None:
         """Algorithm 1, lines 5–9, between the last backward and the optimizer of one optimizer step."""
         reuse_index = reuse_index_of_step(self._step, self.args.steps_per_generation, self.num_iterations)
         energy = self._lm_head_grad_energy()
         self._dgg_probe.reset()
-        decision = self.dgg_gate.observe(energy, reuse_index)
-        if decision.discard:
+        signals = self._attempt_signals(reuse_index, energy)
+        if math.isfinite(energy) or self.dgg_gate is not None:
+            decision = self.dgg_rule.observe(signals)  # a non-finite energy is the gate's own discard
+        else:
+            decision = Verdict(False, "non_finite")
+        if not decision.apply:
             # Gradient discard: with every .grad None, clipping sees nothing and AdamW skips every parameter,
             # so its moments and step counts are untouched. The LR scheduler and global_step still advance.
             model.zero_grad(set_to_none=True)
             # Reuse termination: TRL regenerates when _step reaches a multiple of steps_per_generation * K.
             self._step = next_generation_boundary(self._step, self.args.steps_per_generation, self.num_iterations)
-        self.dgg_last_decision = decision
-        self._log_gate(decision, reuse_index)
+        self.dgg_last_decision, self.dgg_last_signals = decision, signals
+        self._log_gate(decision, signals)
+
+    def _attempt_signals(self, reuse_index: int, energy: float) -> AttemptSignals:
+        """This optimizer step's signals: token-weighted over its micro-steps, identical on every process."""
+        sums, self._dgg_ratio_sums = self._dgg_ratio_sums, {}
+        names = ("kl", "log_ratio_mean", "log_ratio_sq_mean", "clip_ratio", "tokens", "has_signal", "ratio_max")
+        values = [sums.get(name, math.nan) for name in names]
+        if self.accelerator.num_processes > 1:  # rank 0's numbers, as for the energy: one decision everywhere
+            import torch
+
+            values = broadcast(torch.tensor(values, device=self.accelerator.device), from_process=0).tolist()
+        kl, log_ratio, log_ratio_sq, clip, tokens, has_signal, ratio_max = values
+        per_token = (lambda total: total / tokens) if tokens and math.isfinite(tokens) else (lambda total: None)
+        return AttemptSignals(
+            reuse_index=reuse_index, lm_head_energy=energy, approx_kl=per_token(kl),
+            log_ratio_mean=per_token(log_ratio), log_ratio_sq_mean=per_token(log_ratio_sq),
+            clip_fraction=per_token(clip), ratio_max=ratio_max if math.isfinite(ratio_max) else None,
+            active_tokens=int(tokens) if math.isfinite(tokens) else None,
+            has_signal=bool(has_signal) if math.isfinite(has_signal) else None)
 
     def _lm_head_grad_energy(self) -> float:
         """g_t = ‖G_lm‖²_F of the gradient the optimizer would apply, identical on every process."""
@@ -217,37 +317,48 @@ class DGGGRPOTrainer(GRPOTrainer):
             energy = broadcast(energy.to(self.accelerator.device).reshape(1), from_process=0)
         return float(energy.reshape(()).item())
 
-    def _log_gate(self, decision, reuse_index: int) -> None:
+    def _log_gate(self, decision: Verdict, signals: AttemptSignals) -> None:
         # Per-step values are averaged over the logging interval by GRPOTrainer.log (gate/discard becomes the
         # discard rate); counters are cumulative, so only the latest value is kept.
         metrics = self._metrics["train"]
-        metrics["actor/lm_head_grad_energy"].append(decision.energy)
-        metrics["gate/z"].append(decision.z if decision.z is not None else math.nan)
-        metrics["gate/discard"].append(float(decision.discard))
-        metrics["gate/reuse_index"].append(float(reuse_index))
-        for name, count in self.dgg_gate.counters().items():
-            metrics[name] = [float(count)]
+        z = decision.values.get("dgg/z")
+        metrics["actor/lm_head_grad_energy"].append(signals.lm_head_energy)
+        metrics["gate/z"].append(z if z is not None else math.nan)
+        metrics["gate/discard"].append(float(not decision.apply))
+        metrics["gate/reuse_index"].append(float(signals.reuse_index))
+        if signals.approx_kl is not None:
+            metrics["actor/approx_kl"].append(signals.approx_kl)
+        if self.dgg_gate is not None:
+            for name, count in self.dgg_gate.counters().items():
+                metrics[name] = [float(count)]
+        for reason, count in self.dgg_rule.stops_by_reason.items():
+            metrics[f"reuse/stops_{reason.replace(':', '_')}"] = [float(count)]
 
     # ---- checkpoints carry the gate's statistics --------------------------------------------------------
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.dgg_gate is not None and self.args.should_save:
+        if self.dgg_rule is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
+            state = self.dgg_gate.state_dict() if self.dgg_gate is not None else {}
             with open(os.path.join(folder, GATE_STATE_FILE), "w") as file:
-                json.dump(self.dgg_gate.state_dict(), file)
+                json.dump({**state, "reuse_rule": self.dgg_rule.state_dict()}, file)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if self.dgg_gate is not None and checkpoint is not None:
+        if self.dgg_rule is not None and checkpoint is not None:
             path = os.path.join(checkpoint, GATE_STATE_FILE)
             if os.path.exists(path):
                 with open(path) as file:
-                    self.dgg_gate.load_state_dict(json.load(file))
+                    saved = json.load(file)
+                if "reuse_rule" in saved:
+                    self.dgg_rule.load_state_dict(saved["reuse_rule"])
+                elif self.dgg_gate is not None:  # written before reuse rules: the gate's state alone
+                    self.dgg_gate.load_state_dict(saved)
 
     def train(self, *args, **kwargs):
         # The probe lives for one train() call, so no hook outlasts training.
-        if self.dgg_gate is not None:
+        if self.dgg_rule is not None:
             from dgg import LMHeadGradProbe
 
             self._dgg_probe = LMHeadGradProbe(self.model, tied=self.args.dgg_tied)
