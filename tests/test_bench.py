@@ -34,6 +34,13 @@ def test_experiment_arms_match_the_paper():
     assert len(EXPERIMENTS["sensitivity"](config)) == 1 + 12
     variants = EXPERIMENTS["gate-variants"](config)
     assert {a.baseline for a in variants} == {"single", "single_lrx2"}
+    rules = {a.name: a for a in EXPERIMENTS["reuse-rules"](load_config("demo", ["reuse.target_kl=0.05"]))}
+    assert [n for n in rules if n.startswith("kl_")] == ["kl_0.02", "kl_0.05", "kl_0.2"]
+    assert {n.split("_")[0] for n in rules} == {"single", "fixed", "dgg", "kl", "clip", "nosignal"}
+    assert "reuse.rule=dgg+nosignal" in rules["dgg_nosignal"].overrides
+    assert "optim.lr=0.002" in rules["single_lrx4"].overrides  # 4 × the demo's 5e-4
+    for family in ("dgg_tau", "kl_", "clip_", "nosignal_"):  # every rule gets three settings
+        assert sum(n.startswith(family) for n in rules) == 3, family
 
 
 def test_unknown_experiment_and_missing_report_dir(tmp_path, capsys):

@@ -99,6 +99,7 @@ class ArmSummary:
     onset_rollouts: int | None
     mean_reuse_per_batch: float | None
     discards_by_reuse_index: dict[str, int] = field(default_factory=dict)
+    stops_by_reason: dict[str, int] = field(default_factory=dict)  # every reuse rule's drops, by its reason
     rollout_speedup: float | None = None
     wall_clock_speedup: float | None = None
     rollouts_to_target: float | None = None
@@ -116,6 +117,10 @@ def summarise_run(records: list[dict], arm: str, seed: int | None = None) -> Arm
         if r.get("gate/discard") and r.get("gate/reason") == "zscore":
             key = str(r["reuse_index"])
             discards[key] = discards.get(key, 0) + 1
+    stops: dict[str, int] = {}
+    for r in updates:
+        if r.get("reuse/stop"):
+            stops[r["reuse/stop_reason"]] = stops.get(r["reuse/stop_reason"], 0) + 1
     onset = degradation_onset(points)
     last = records[-1] if records else {"rollouts": 0, "wall_time": 0.0}
     return ArmSummary(
@@ -132,6 +137,7 @@ def summarise_run(records: list[dict], arm: str, seed: int | None = None) -> Arm
         mean_reuse_per_batch=(statistics.fmean(r["gate/reuse_count"] for r in rollout_records)
                               if rollout_records else None),
         discards_by_reuse_index=discards,
+        stops_by_reason=stops,
     )
 
 

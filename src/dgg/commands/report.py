@@ -41,6 +41,19 @@ def _speedup_cell(aggregated_arm: dict, key: str, seeds: int, undefined: int) ->
     return cell + (f"; baseline never improved on {undefined}/{seeds} seeds" if undefined else "")
 
 
+def _stops_cell(runs: list[dict]) -> str:
+    """Mean stops per run over seeds, and which reasons fired (summed over seeds)."""
+    reasons: dict[str, int] = {}
+    for run in runs:
+        for reason, count in run.get("stops_by_reason", {}).items():
+            reasons[reason] = reasons.get(reason, 0) + count
+    total = sum(reasons.values())
+    if not total:
+        return "0"
+    detail = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+    return f"{total / len(runs):.1f} ({detail})"
+
+
 def build_report(out: Path) -> str:
     """Write report.md, summary.json and figures for a benchmark directory; return the Markdown."""
     from dgg.analysis import SIGNAL_KEYS, degradation_onset, eval_points, signal_firings
@@ -68,7 +81,7 @@ def build_report(out: Path) -> str:
              "converged accuracy (mean of its last five evaluations) divided by the arm's cost to reach it, "
              "per seed.", "",
              "| arm | converged acc. | peak | rollout speedup | wall-clock speedup | collapsed | discards | "
-             "updates/batch | training time (s) |", "|---|---|---|---|---|---|---|---|---|"]
+             "rule stops/run (reasons) | updates/batch | training time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         a = aggregated[arm.name]
         undefined = sum(r["speedup_undefined"] for r in a["runs"])  # seeds whose baseline never improved
@@ -76,7 +89,7 @@ def build_report(out: Path) -> str:
         lines.append(
             f"| {arm.label} | {_fmt(a['converged_accuracy']['mean'], a['converged_accuracy']['std'])} | "
             f"{_fmt(a['peak_accuracy']['mean'])} | {speedups[0]} | {speedups[1]} | "
-            f"{a['collapsed_seeds']}/{n} | {_fmt(a['discards']['mean'], digits=1)} | "
+            f"{a['collapsed_seeds']}/{n} | {_fmt(a['discards']['mean'], digits=1)} | {_stops_cell(a['runs'])} | "
             f"{_fmt(a['mean_reuse_per_batch']['mean'], digits=2)} | {_fmt(a['wall_time']['mean'], digits=0)} |")
     lines += ["", "A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than 0.10.",
               "", "![accuracy](fig_accuracy.png)", ""]
