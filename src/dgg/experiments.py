@@ -152,26 +152,37 @@ def experiment_reuse_rules(config) -> list[Arm]:
     """Issue "Reuse rules side by side": the paper's gate against the early stops PPO users know, on the same
     runs. Every rule gets three settings; single-use also runs at 2× and 4× the lr, since K reused updates move
     the weights much as one update at a higher lr would. KL targets: SB3's usual 0.02 and two from the
-    config (``reuse.target_kl`` and 4× it), which should be set from the KL naive reuse reaches at k = 2..K."""
-    lr, k = config.optim.lr, config.reuse.max_reuse
+    config (``reuse.target_kl`` and 4× it), which should be set from the KL naive reuse reaches at k = 2..K.
+    Arms are ordered so that a sweep cut short has the most telling ones first."""
+    lr, k, tau = config.optim.lr, config.reuse.max_reuse, config.reuse.tau
     reuse = ("reuse.mode=dgg", f"reuse.max_reuse={k}")
-    arms = [Arm("single", "GRPO (single-use)", ("reuse.mode=single",))]
-    for scale in (2, 4):
-        arms.append(Arm(f"single_lrx{scale}", f"GRPO (single-use), lr×{scale}",
-                        ("reuse.mode=single", f"optim.lr={lr * scale:g}")))
-    arms.append(_fixed(k, f"GRPO w/ Naive Reuse (K={k})"))
-    arms += [Arm(f"dgg_tau{tau:g}", f"DGG, paper rule (τ={tau:g})", (*reuse, "reuse.rule=dgg", f"reuse.tau={tau}"))
-             for tau in (0.1, 0.5, 1.0)]
-    arms.append(Arm("dgg_nosignal", f"DGG (τ={config.reuse.tau:g}) + no-signal guard",
-                    (*reuse, "reuse.rule=dgg+nosignal", f"reuse.tau={config.reuse.tau}")))
-    for target in sorted({0.02, config.reuse.target_kl, 4 * config.reuse.target_kl}):
-        arms.append(Arm(f"kl_{target:g}", f"KL stop, SB3 (target_kl={target:g})",
-                        (*reuse, "reuse.rule=kl", f"reuse.target_kl={target:g}")))
-    arms += [Arm(f"clip_{target:g}", f"clip stop (> {target:g} clipped)",
-                 (*reuse, "reuse.rule=clip", f"reuse.target_clip={target}")) for target in (0.1, 0.2, 0.3)]
-    arms += [Arm(f"nosignal_{floor:g}", f"no-signal guard (floor {floor:g})",
-                 (*reuse, "reuse.rule=nosignal", f"reuse.signal_floor={floor}")) for floor in (1e-4, 1e-3, 1e-2)]
-    return arms
+
+    def dgg(t):
+        return Arm(f"dgg_tau{t:g}", f"DGG, paper rule (τ={t:g})", (*reuse, "reuse.rule=dgg", f"reuse.tau={t}"))
+
+    def kl(target):
+        return Arm(f"kl_{target:g}", f"KL stop, SB3 (target_kl={target:g})",
+                   (*reuse, "reuse.rule=kl", f"reuse.target_kl={target:g}"))
+
+    def nosignal(floor):
+        return Arm(f"nosignal_{floor:g}", f"no-signal guard (floor {floor:g})",
+                   (*reuse, "reuse.rule=nosignal", f"reuse.signal_floor={floor}"))
+
+    def single(scale):
+        return Arm(f"single_lrx{scale}", f"GRPO (single-use), lr×{scale}",
+                   ("reuse.mode=single", f"optim.lr={lr * scale:g}"))
+
+    targets = sorted({0.02, config.reuse.target_kl, 4 * config.reuse.target_kl})
+    first = [Arm("single", "GRPO (single-use)", ("reuse.mode=single",)), _fixed(k, f"GRPO w/ Naive Reuse (K={k})"),
+             dgg(tau), *(kl(t) for t in targets), nosignal(1e-3),
+             Arm("dgg_nosignal", f"DGG (τ={tau:g}) + no-signal guard",
+                 (*reuse, "reuse.rule=dgg+nosignal", f"reuse.tau={tau}")),
+             single(2), single(4)]
+    rest = [*(dgg(t) for t in (0.1, 0.5, 1.0) if t != tau),
+            *(Arm(f"clip_{t:g}", f"clip stop (> {t:g} clipped)", (*reuse, "reuse.rule=clip", f"reuse.target_clip={t}"))
+              for t in (0.1, 0.2, 0.3)),
+            nosignal(1e-4), nosignal(1e-2)]
+    return first + rest
 
 
 EXPERIMENTS = {
