@@ -250,3 +250,23 @@ def test_bf16_autocast_trains_with_float32_state_and_close_energies(tiny_model_d
 def test_precision_is_validated():
     with pytest.raises(ConfigError, match="train.precision"):
         load_config(None, ["train.precision=fp8"])
+
+
+class _Exploit:
+    def __reduce__(self):
+        import pathlib
+
+        return (pathlib.Path.touch, (pathlib.Path(_Exploit.marker),))
+
+
+def test_a_crafted_trainer_state_is_refused_and_runs_no_code(tiny_model_dir, tmp_path, capsys):
+    first = make_trainer(tiny_model_dir, tmp_path, "train.max_batches=1", "eval.every=0")
+    first.train()
+    state_file = first.run_dir / "checkpoint" / "trainer_state.pt"
+    real = torch.load(state_file, weights_only=True)  # what the trainer writes loads without pickle's code paths
+    assert {"state", "optimizer", "gate", "reuse_rule", "rng"} <= set(real)
+    _Exploit.marker = str(tmp_path / "pwned")
+    torch.save({"state": _Exploit()}, state_file)
+    assert cli_main(["train", "--resume", str(first.run_dir), "train.max_batches=2"]) == 2
+    assert "can be loaded safely" in capsys.readouterr().err
+    assert not (tmp_path / "pwned").exists()

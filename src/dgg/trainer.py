@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import shutil
 import time
@@ -556,7 +557,11 @@ class GRPOTrainer:
         return final
 
     def _load_checkpoint(self, directory: Path, metrics_path: Path) -> None:
-        saved = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=False)
+        try:  # tensors, numbers, strings and containers only: a crafted state file cannot run code here
+            saved = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
+            raise ConfigError(f"{directory / STATE_FILE} is not a dgg trainer state that can be loaded safely "
+                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
         self.state = RunState(**saved["state"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if "reuse_rule" in saved:
