@@ -230,8 +230,12 @@ class ProfileConfig:
     snapshot_on_cpu: bool = True
     """Keep the one weight snapshot the profiler needs in CPU memory rather than on the accelerator."""
     theorem2: bool = True
-    """Check Theorem 2 live: log theory/c_max, theory/r2_mean, theory/bound_slack per update (costs one extra
-    no-grad lm_head matmul per micro-batch). Skipped when loss.kl_coef > 0 or the probe reads a tied total."""
+    """Check Theorem 2 live: log theory/c_max, theory/r2_mean, theory/bound_slack per update (costs a softmax
+    over the training forward's logits). Skipped when loss.kl_coef > 0 or the probe reads a tied total."""
+    energy_split_every: int = 0
+    """Every N update attempts, log the lm_head energy of the negative- and positive-advantage tokens'
+    gradient apart (energy/neg, energy/pos, energy/neg_share; dgg.energy_split): the paper's mechanism, measured
+    directly. Costs about two lm_head matmuls per micro-batch (0 disables)."""
     c_struct_every: int = 0
     """Log theory/c_struct_p95 (Fig. 6) every N batches on a fixed probe set of held-out prompts (0 disables)."""
     c_struct_tokens: int = 8
@@ -240,6 +244,8 @@ class ProfileConfig:
     def __post_init__(self):
         _check(self.weights_every >= 0, "profile.weights_every", "an integer >= 0", self.weights_every)
         _check(self.c_struct_every >= 0, "profile.c_struct_every", "an integer >= 0", self.c_struct_every)
+        _check(self.energy_split_every >= 0, "profile.energy_split_every", "an integer >= 0",
+               self.energy_split_every)
         _check(self.c_struct_tokens >= 1, "profile.c_struct_tokens", "an integer >= 1", self.c_struct_tokens)
 
 

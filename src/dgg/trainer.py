@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from dgg.config import Config, ConfigError, ModelConfig, load_config, save_config
+from dgg.energy_split import EnergySplit
 from dgg.loss import clipped_surrogate_loss, group_advantages, reference_kl
 from dgg.precision import autocast, machine_threads
 from dgg.probe import LMHeadGradProbe
@@ -370,6 +371,9 @@ class GRPOTrainer:
         total_tokens = float(batch.completion_mask.sum().clamp(min=1.0))
         size = cfg.train.micro_batch_size or batch.size
         first_pass = batch.old_logprobs is None  # π_θ = π_old here: this forward scores π_old
+        every = cfg.profile.energy_split_every
+        split = EnergySplit() if every and self.state.attempts % every == 0 and cfg.loss.kl_coef == 0 else None
+        need_logits = self.check_theorem2 or split is not None
         old_chunks = []
         loss_sum, sums = 0.0, {}
         for start in range(0, batch.size, size):
@@ -379,10 +383,14 @@ class GRPOTrainer:
             with autocast(self.device, self.precision):
                 scored = completion_logprobs(self.model, batch.input_ids[rows], batch.attention_mask[rows],
                                              batch.prompt_length, cfg.rollout.temperature,
-                                             return_logits=self.check_theorem2)
-            logprobs, logits, hidden = scored if self.check_theorem2 else (scored, None, None)
+                                             return_logits=need_logits)
+            logprobs, logits, hidden = scored if need_logits else (scored, None, None)
             old_logprobs = logprobs.detach() if first_pass else batch.old_logprobs[rows]
             old_chunks.append(old_logprobs)
+            if split is not None:
+                split.add(hidden, logits, batch.input_ids[rows, batch.prompt_length:],
+                          logprobs.detach() - old_logprobs, batch.advantages[rows], mask, total_tokens,
+                          cfg.rollout.temperature, cfg.loss.clip_eps, cfg.loss.clip_eps_high)
             if self.check_theorem2:
                 theory_started = time.perf_counter()
                 self._theorem2_parts.append(self._theorem2_terms(batch, rows, hidden, logits, logprobs,
@@ -405,6 +413,8 @@ class GRPOTrainer:
                 sums[key] = max(previous, float(value)) if reduce_max else previous + float(value) * weight
         if first_pass:
             batch.old_logprobs = torch.cat(old_chunks)
+        if split is not None:
+            sums.update(split.metrics())
         return loss_sum, sums
 
     @torch.no_grad()
