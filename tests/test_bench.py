@@ -54,3 +54,18 @@ def test_signal_firings_replays_the_gate_rule():
     records = [{"kind": "update", "reuse_index": 1 + i % 4, "rollouts": 10 * i, "actor/kl": v}
                for i, v in enumerate([1.0, 1.1, 1.0, 1.1, 1.0, 9.0, 1.0])]
     assert signal_firings(records, "actor/kl", tau=0.5, window=3) == [50]
+
+
+def test_a_sweep_cut_short_reports_its_finished_arms(tiny_model_dir, tmp_path, capsys):
+    import shutil
+
+    out = tmp_path / "main"
+    assert cli_main(["bench", "main", "--seeds", "1", "--out", str(out), f"model.path={tiny_model_dir}", *TINY]) == 0
+    shutil.rmtree(out / "dgg_k4_tau1")  # as if the sweep had stopped before its last arm
+    assert cli_main(["report", str(out)]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arms_pending"] == ["dgg_k4_tau1"] and "dgg_k4_tau1" not in summary["arms"]
+    assert "**Partial:** 1 of 5 arms not finished" in (out / "report.md").read_text()
+    shutil.rmtree(out / "single")
+    assert cli_main(["report", str(out)]) == 2
+    assert "baseline" in capsys.readouterr().err

@@ -65,10 +65,18 @@ def build_report(out: Path) -> str:
     if not spec_path.is_file():
         raise FileNotFoundError(f"{spec_path} does not exist: is {out} a `dgg bench` directory?")
     spec = json.loads(spec_path.read_text())
-    arms = [Arm(a["name"], a["label"], tuple(a["overrides"]), a["baseline"]) for a in spec["arms"]]
-    finished = [s for s in spec["seeds"] if all((run_dir_for(out, a, s) / "done.json").is_file() for a in arms)]
-    if not finished:
-        raise ValueError(f"{out}: no seed has finished all {len(arms)} arms yet")
+    planned = [Arm(a["name"], a["label"], tuple(a["overrides"]), a["baseline"]) for a in spec["arms"]]
+
+    def done(arm, seed):
+        return (run_dir_for(out, arm, seed) / "done.json").is_file()
+
+    # A sweep cut short still reports: the seeds whose baselines finished, and the arms finished on all of them.
+    baselines = {a.baseline for a in planned}
+    finished = [s for s in spec["seeds"] if all(done(a, s) for a in planned if a.name in baselines)]
+    arms = [a for a in planned if finished and all(done(a, s) for s in finished)]
+    if not finished or not arms:
+        raise ValueError(f"{out}: no seed has finished its baseline arm(s) yet")
+    pending = [a.label for a in planned if a not in arms]
     summaries, records = summarise(out, arms, finished)
     aggregated = aggregate(summaries)
     labels = {a.name: a.label for a in arms}
@@ -80,6 +88,8 @@ def build_report(out: Path) -> str:
              "Mean ± std over seeds. Speedups (paper Table 1, footnote 6): the baseline's cost to first reach its "
              "converged accuracy (mean of its last five evaluations) divided by the arm's cost to reach it, "
              "per seed.", "",
+             *([f"**Partial:** {len(pending)} of {len(planned)} arms not finished yet ({', '.join(pending)}); "
+                "rerun the same `dgg bench` command to continue.", ""] if pending else []),
              "| arm | converged acc. | peak | rollout speedup | wall-clock speedup | collapsed | discards | "
              "rule stops/run (reasons) | updates/batch | training time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
@@ -93,7 +103,8 @@ def build_report(out: Path) -> str:
             f"{_fmt(a['mean_reuse_per_batch']['mean'], digits=2)} | {_fmt(a['wall_time']['mean'], digits=0)} |")
     lines += ["", "A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than 0.10.",
               "", "![accuracy](fig_accuracy.png)", ""]
-    summary = {"experiment": spec, "seeds_finished": finished, "arms": aggregated}
+    summary = {"experiment": spec, "seeds_finished": finished, "arms": aggregated,
+               "arms_pending": [a.name for a in planned if a not in arms]}
 
     reuse_arms = [a for a in arms if a.name not in ("single",) and not a.name.startswith("single_")]
     if spec["name"] == "signals":
