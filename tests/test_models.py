@@ -143,3 +143,19 @@ def test_real_smollm2_wheel_end_to_end(tmp_path, capsys):
     rollouts = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()
                 if json.loads(line)["kind"] == "rollout"]
     assert [r["batch"] for r in rollouts] == [1, 2, 3]
+
+
+def test_demo_on_a_named_model_uses_its_config_and_reports(offline, tmp_path, capsys):
+    out = tmp_path / "demo"
+    code = cli_main(["demo", "--model", offline.name, "--out", str(out), "--paper-only", "train.max_batches=2",
+                     "rollout.prompts_per_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=3",
+                     "eval.every=1", "eval.problems=2", "eval.samples=1", "profile.weights_every=1",
+                     "reuse.max_reuse=2", "output.progress=false", "task.test_size=16"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["arms"]) == {"single", "naive", "dgg"}
+    config = (out / "single" / "seed0" / "config.yaml").read_text()
+    assert "precision: bf16" in config and "answer_parser: lenient" in config  # smollm2_arith's settings
+    assert "Goal check" in (out / "report.md").read_text()
+    assert cli_main(["demo", "--model", "no-such-model"]) == 2
+    assert "named models" in capsys.readouterr().err

