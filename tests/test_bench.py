@@ -15,11 +15,16 @@ TINY = ["train.max_batches=2", "rollout.prompts_per_batch=2", "rollout.group_siz
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_each_named_experiment_runs_at_reduced_size(name, tiny_model_dir, tmp_path, capsys):
     out = tmp_path / name
-    assert cli_main(["bench", name, "--seeds", "1", "--out", str(out), f"model.path={tiny_model_dir}", *TINY]) == 0
+    extra = ["profile.energy_split_every=1", "profile.weights_every=1"] if name == "reuse-rules" else []
+    assert cli_main(["bench", name, "--seeds", "1", "--out", str(out), f"model.path={tiny_model_dir}", *TINY,
+                     *extra]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["arms"]) == {a.name for a in EXPERIMENTS[name](load_config("demo"))}
     assert (out / "report.md").read_text().startswith(f"# dgg bench {name}")
     assert (out / "fig_accuracy.png").stat().st_size > 0
+    if name == "reuse-rules":
+        for figure in ("fig_weights.png", "fig_signals.png", "fig_energy_split.png"):
+            assert (out / figure).stat().st_size > 0
     if name == "signals":
         assert set(k.split("/", 2)[2] for k in summary["signal_firings"]) == {
             "actor/kl", "actor/clip_ratio", "actor/grad_norm", "actor/lm_head_grad_energy"}

@@ -137,6 +137,47 @@ def plot_signals(arms: dict[str, list[dict]], out: Path, labels: dict[str, str] 
     return out
 
 
+def plot_energy_split(arms: dict[str, list[dict]], out: Path, labels: dict[str, str] | None = None) -> Path:
+    """The lm_head energy of the negative- and positive-advantage tokens' gradient per update attempt
+    (``profile.energy_split_every``), and the negative part's share, one row per arm; k = 1 attempts hollow."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(arms), 2, figsize=(13, 3.2 * len(arms)), squeeze=False)
+    for row, (arm, records) in zip(axes, arms.items()):
+        updates = [(step, r) for step, r in enumerate((r for r in records if r["kind"] == "update"), 1)
+                   if r.get("energy/neg") is not None]
+        for part, colour in (("neg", "tab:red"), ("pos", "tab:blue")):
+            for fresh in (True, False):
+                points = [(step, r[f"energy/{part}"]) for step, r in updates
+                          if (r["reuse_index"] == 1) == fresh and r[f"energy/{part}"] > 0]
+                if points:
+                    row[0].scatter(*zip(*points), s=10, color=colour, facecolors="none" if fresh else colour,
+                                   label=f"{part} advantage{' (k = 1)' if fresh else ' (k > 1)'}")
+        share = [(step, r["energy/neg_share"]) for step, r in updates if r.get("energy/neg_share") is not None]
+        if share:
+            row[1].plot(*zip(*share), color="tab:red", lw=0.8)
+        onset = _onset_rollouts(records)
+        if onset is not None:
+            step = next((i for i, r in enumerate((r for r in records if r["kind"] == "update"), 1)
+                         if r["rollouts"] > onset), None)
+            for ax in row:
+                if step is not None:
+                    ax.axvline(step, color="black", ls="--", lw=1)
+        title = (labels or {}).get(arm, _style(arm)[0])
+        row[0].set_title(f"{title}: ‖G_lm‖² of each sign's tokens", fontsize=10)
+        row[0].set_yscale("log")
+        row[1].set_title(f"{title}: negative-advantage share", fontsize=10)
+        row[1].set_ylim(0, 1)
+        for ax in row:
+            ax.set_xlabel("update attempt")
+            ax.grid(alpha=0.3)
+        if row[0].get_legend_handles_labels()[0]:
+            row[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
 def plot_gate(records: list[dict], tau: float, out: Path, title: str = "GRPO w/ DGG") -> Path:
     """The gate's view: z-score of Δg per update attempt with τ, discards marked; reuse count per batch."""
     plt = _pyplot()
