@@ -54,3 +54,34 @@ def test_clipped_tokens_carry_no_weight_and_the_softmax_term_is_exact():
             expected += weights[n, t] * torch.outer(error, hidden[n, t]) / 0.7
     got = lm_head_gradient_part(hidden, logits, targets, weights, temperature=0.7, chunk_tokens=2)
     torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+
+
+def test_bf16_products_stay_close_and_the_diagnostic_is_off_the_training_clock(tiny_model_dir, tmp_path):
+    gen = torch.Generator().manual_seed(1)
+    hidden, logits = torch.randn(3, 4, 16, generator=gen), torch.randn(3, 4, 64, generator=gen)
+    targets, weights = torch.randint(0, 64, (3, 4), generator=gen), torch.randn(3, 4, generator=gen)
+    exact = lm_head_gradient_part(hidden, logits, targets, weights, 1.0)
+    fast = lm_head_gradient_part(hidden, logits, targets, weights, 1.0, matmul_dtype=torch.bfloat16)
+    assert float(fast.square().sum()) == pytest.approx(float(exact.square().sum()), rel=0.02)
+
+    import time
+
+    import dgg.trainer as trainer_module
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, "eval.every=0", "profile.energy_split_every=1")
+    slow_add = trainer_module.EnergySplit.add
+
+    def add(self, *args, **kwargs):
+        time.sleep(0.3)
+        return slow_add(self, *args, **kwargs)
+
+    trainer_module.EnergySplit.add = add
+    try:
+        batch = trainer.collect_rollouts()
+        before = trainer.state.wall_time
+        started = trainer._clock = time.perf_counter()  # the training clock runs from here
+        assert trainer.update(batch, 1)
+        elapsed = time.perf_counter() - started
+    finally:
+        trainer_module.EnergySplit.add = slow_add
+    assert elapsed >= 0.3 and trainer.state.wall_time - before < elapsed - 0.25

@@ -219,6 +219,7 @@ class GRPOTrainer:
         self._lm_head_bias = getattr(head, "bias", None) is not None
         self._theorem2_parts: list[dict] = []
         self._theorem2_seconds = 0.0
+        self._paused_seconds = 0.0  # diagnostic time inside the current tick, kept off the training clock
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -372,7 +373,8 @@ class GRPOTrainer:
         size = cfg.train.micro_batch_size or batch.size
         first_pass = batch.old_logprobs is None  # π_θ = π_old here: this forward scores π_old
         every = cfg.profile.energy_split_every
-        split = EnergySplit() if every and self.state.attempts % every == 0 and cfg.loss.kl_coef == 0 else None
+        split = EnergySplit(self.precision) if every and self.state.attempts % every == 0 and cfg.loss.kl_coef == 0 \
+            else None
         need_logits = self.check_theorem2 or split is not None
         old_chunks = []
         loss_sum, sums = 0.0, {}
@@ -388,9 +390,11 @@ class GRPOTrainer:
             old_logprobs = logprobs.detach() if first_pass else batch.old_logprobs[rows]
             old_chunks.append(old_logprobs)
             if split is not None:
+                split_started = time.perf_counter()
                 split.add(hidden, logits, batch.input_ids[rows, batch.prompt_length:],
                           logprobs.detach() - old_logprobs, batch.advantages[rows], mask, total_tokens,
                           cfg.rollout.temperature, cfg.loss.clip_eps, cfg.loss.clip_eps_high)
+                self._paused_seconds += time.perf_counter() - split_started
             if self.check_theorem2:
                 theory_started = time.perf_counter()
                 self._theorem2_parts.append(self._theorem2_terms(batch, rows, hidden, logits, logprobs,
@@ -414,7 +418,9 @@ class GRPOTrainer:
         if first_pass:
             batch.old_logprobs = torch.cat(old_chunks)
         if split is not None:
+            split_started = time.perf_counter()
             sums.update(split.metrics())
+            self._paused_seconds += time.perf_counter() - split_started
         return loss_sum, sums
 
     @torch.no_grad()
@@ -451,10 +457,11 @@ class GRPOTrainer:
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
     def _tick(self) -> None:
-        """Advance the training clock; evaluation and checkpointing run with the clock stopped."""
+        """Advance the training clock; evaluation, checkpointing and the optional energy-split diagnostic run
+        with the clock stopped, so that wall-clock speedups compare training alone."""
         now = time.perf_counter()
-        self.state.wall_time += now - self._clock
-        self._clock = now
+        self.state.wall_time += now - self._clock - self._paused_seconds
+        self._clock, self._paused_seconds = now, 0.0
 
     def _log_update(self, reuse_index, stats, loss, energy, grad_norm, decision, started, applied, reason=None):
         self._tick()
