@@ -8,8 +8,8 @@ negative part surges — so this module measures the parts directly.
 For the trainer's loss ``L = −(1/T) Σ_i m_i min(r_i Â_i, clip(r_i) Â_i)`` the lm_head weight gradient is
 ``G = Σ_i w_i (e_{a_i} − softmax(z_i/τ)) h_iᵀ / τ`` with ``w_i = −λ_i r_i Â_i m_i / T`` (λ_i = 0 where the clip
 removes the token's gradient). Splitting the sum by the sign of Â_i gives ``G = G_neg + G_pos``; each part is one
-(V, d) matrix, accumulated over micro-batches, at the cost of about one lm_head matmul per part (in bf16 when
-training is). The trainer keeps this diagnostic's time off its training clock.
+(V, d) matrix, accumulated over micro-batches; one softmax per token and one matrix product serve both parts
+(about one lm_head matmul in all). The trainer keeps this diagnostic's time off its training clock.
 """
 
 from __future__ import annotations
@@ -31,52 +31,60 @@ def token_gradient_weights(log_ratio: torch.Tensor, advantages: torch.Tensor, ma
 
 
 @torch.no_grad()
-def lm_head_gradient_part(hidden: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
-                          weights: torch.Tensor, temperature: float, chunk_tokens: int = 256,
-                          matmul_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(V, d) Σ_i w_i (e_{a_i} − softmax(z_i/τ)) h_iᵀ / τ over the tokens with w_i ≠ 0.
+def lm_head_gradient_parts(hidden: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+                           weights: torch.Tensor, groups: torch.Tensor, count: int, temperature: float,
+                           chunk_tokens: int = 256) -> torch.Tensor:
+    """(count, V, d): for each group g, Σ_{i: groups_i = g} w_i (e_{a_i} − softmax(z_i/τ)) h_iᵀ / τ.
 
-    hidden (N, R, d), logits (N, R, V) raw, targets (N, R), weights (N, R). The softmax and the accumulation
-    are float32; ``matmul_dtype=torch.bfloat16`` runs the one large product (π_iᵀ times w_i h_i) in bfloat16,
-    as the bf16 training forward and backward do."""
+    hidden (N, R, d), logits (N, R, V) raw, targets (N, R), weights (N, R), groups (N, R) in [0, count) (tokens
+    with w_i = 0 are skipped). Each token's softmax is computed once and one matrix product serves every group:
+    the tokens' w_i h_i / τ sit in their group's block of columns."""
     keep = weights != 0
     vocab, width = logits.shape[-1], hidden.shape[-1]
-    part = torch.zeros(vocab, width, dtype=torch.float32, device=hidden.device)
-    if not bool(keep.any()):
-        return part
-    scaled = (weights[keep] / temperature).unsqueeze(1) * hidden[keep].float()  # (M, d): w_i h_i / τ
-    part.index_add_(0, targets[keep].long(), scaled)  # the e_{a_i} h_iᵀ terms
-    kept_logits = logits[keep]
-    for start in range(0, scaled.shape[0], chunk_tokens):
-        probs = torch.softmax(kept_logits[start:start + chunk_tokens].float() / temperature, dim=-1)  # (m, V)
-        chunk = scaled[start:start + chunk_tokens]
-        part.sub_((probs.T.to(matmul_dtype) @ chunk.to(matmul_dtype)).float())  # the π_i h_iᵀ terms
-    return part
+    parts = torch.zeros(vocab, count * width, dtype=torch.float32, device=hidden.device)
+    if bool(keep.any()):
+        scaled = (weights[keep] / temperature).unsqueeze(1) * hidden[keep].float()  # (M, d): w_i h_i / τ
+        blocks = torch.zeros(scaled.shape[0], count * width, dtype=torch.float32, device=hidden.device)
+        columns = groups[keep].long().unsqueeze(1) * width + torch.arange(width, device=hidden.device)
+        blocks.scatter_(1, columns, scaled)  # (M, count·d), each row in its group's block
+        parts.index_add_(0, targets[keep].long(), blocks)  # the e_{a_i} h_iᵀ terms
+        kept_logits = logits[keep]
+        for start in range(0, blocks.shape[0], chunk_tokens):
+            probs = torch.softmax(kept_logits[start:start + chunk_tokens].float() / temperature, dim=-1)  # (m, V)
+            parts.sub_(probs.T @ blocks[start:start + chunk_tokens])  # the π_i h_iᵀ terms
+    return parts.view(vocab, count, width).transpose(0, 1)
+
+
+def lm_head_gradient_part(hidden, logits, targets, weights, temperature: float, chunk_tokens: int = 256
+                          ) -> torch.Tensor:
+    """(V, d) Σ_i w_i (e_{a_i} − softmax(z_i/τ)) h_iᵀ / τ over the tokens with w_i ≠ 0 (one group)."""
+    return lm_head_gradient_parts(hidden, logits, targets, weights, torch.zeros_like(targets), 1, temperature,
+                                  chunk_tokens)[0]
 
 
 class EnergySplit:
     """Accumulates G_neg and G_pos over the micro-batches of one update attempt."""
 
-    def __init__(self, precision: str = "fp32"):
-        self.parts: dict[str, torch.Tensor | None] = dict.fromkeys(PARTS)
-        self.matmul_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    def __init__(self):
+        self.parts: torch.Tensor | None = None  # (2, V, d): G_neg, G_pos
 
     def add(self, hidden, logits, targets, log_ratio, advantages, mask, total_tokens: float, temperature: float,
             clip_eps: float, clip_eps_high: float | None = None) -> None:
         weights = token_gradient_weights(log_ratio, advantages, mask, total_tokens, clip_eps, clip_eps_high)
         sign = advantages.float().unsqueeze(1).expand_as(weights)
-        for name, selected in (("neg", sign < 0), ("pos", sign > 0)):
-            part = lm_head_gradient_part(hidden, logits, targets, torch.where(selected, weights, 0.0), temperature,
-                                         matmul_dtype=self.matmul_dtype)
-            self.parts[name] = part if self.parts[name] is None else self.parts[name].add_(part)
+        weights = torch.where(sign != 0, weights, 0.0)
+        parts = lm_head_gradient_parts(hidden, logits, targets, weights, (sign > 0).long(), len(PARTS),
+                                       temperature)
+        self.parts = parts if self.parts is None else self.parts.add_(parts)
 
     def metrics(self) -> dict[str, float]:
         """``energy/neg`` = ‖G_neg‖², ``energy/pos`` = ‖G_pos‖², ``energy/total`` = ‖G_neg + G_pos‖² (the
         probe's g_t of the output projection), ``energy/neg_share`` = ‖G_neg‖² / (‖G_neg‖² + ‖G_pos‖²)."""
-        if any(p is None for p in self.parts.values()):
+        if self.parts is None:
             return {}
-        neg, pos = self.parts["neg"], self.parts["pos"]
-        e_neg, e_pos = float(neg.double().square().sum()), float(pos.double().square().sum())
-        total = float((neg + pos).double().square().sum())
+        neg, pos = self.parts[0], self.parts[1]
+        e_neg = float(torch.linalg.vector_norm(neg).square())
+        e_pos = float(torch.linalg.vector_norm(pos).square())
+        total = float(torch.linalg.vector_norm(neg + pos).square())
         share = e_neg / (e_neg + e_pos) if e_neg + e_pos > 0 else None
         return {"energy/neg": e_neg, "energy/pos": e_pos, "energy/total": total, "energy/neg_share": share}

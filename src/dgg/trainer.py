@@ -373,7 +373,7 @@ class GRPOTrainer:
         size = cfg.train.micro_batch_size or batch.size
         first_pass = batch.old_logprobs is None  # π_θ = π_old here: this forward scores π_old
         every = cfg.profile.energy_split_every
-        split = EnergySplit(self.precision) if every and self.state.attempts % every == 0 and cfg.loss.kl_coef == 0 \
+        split = EnergySplit() if every and self.state.attempts % every == 0 and cfg.loss.kl_coef == 0 \
             else None
         need_logits = self.check_theorem2 or split is not None
         old_chunks = []
