@@ -270,3 +270,28 @@ def test_a_crafted_trainer_state_is_refused_and_runs_no_code(tiny_model_dir, tmp
     assert cli_main(["train", "--resume", str(first.run_dir), "train.max_batches=2"]) == 2
     assert "can be loaded safely" in capsys.readouterr().err
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_fresh_run_never_replaces_an_existing_one_unasked(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    args = ["train", "--model", str(tiny_model_dir), "--output", str(run), *TINY_RUN, "train.max_batches=1",
+            "eval.every=0"]
+    assert cli_main(args) == 0
+    before = (run / "metrics.jsonl").read_text()
+    assert cli_main(args) == 2
+    error = capsys.readouterr().err
+    assert "already holds a run" in error and "--resume" in error and "--overwrite" in error
+    assert (run / "metrics.jsonl").read_text() == before and (run / "checkpoint").is_dir()
+    (run / "notes.txt").write_text("mine")
+    assert cli_main([*args, "--overwrite"]) == 0
+    assert (run / "notes.txt").read_text() == "mine"  # only the run's own files are replaced
+    with pytest.raises(ConfigError, match="output.dir"):
+        load_config(None, ["output.dir="])
+
+
+def test_resume_with_a_lower_max_batches_says_so(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["train", "--model", str(tiny_model_dir), "--output", str(run), *TINY_RUN,
+                     "train.max_batches=2", "eval.every=0"]) == 0
+    assert cli_main(["train", "--resume", str(run), "train.max_batches=1"]) == 2
+    assert "already trained 2 batches" in capsys.readouterr().err

@@ -257,6 +257,12 @@ class OutputConfig:
     """Also write TensorBoard scalars (needs ``pip install dgg[tensorboard]``)."""
     progress: bool = True
     """Show a progress bar."""
+    overwrite: bool = False
+    """Replace a run already in ``dir`` (its metrics, config, checkpoints and reward log). Without it a fresh
+    run refuses a directory that holds one; ``--resume DIR`` continues it instead."""
+
+    def __post_init__(self):
+        _check(isinstance(self.dir, str) and self.dir.strip() != "", "output.dir", "a non-empty path", self.dir)
 
 
 @dataclass

@@ -58,7 +58,9 @@ def run_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int
     if (run_dir / DONE).is_file() and not force:
         log.info("%s seed %d: already finished, skipped (%s)", arm.name, seed, run_dir)
         return run_dir
-    resolved = load_config(config, [*overrides, *arm.overrides, f"train.seed={seed}", f"output.dir={run_dir}"])
+    # An arm without done.json never finished (or is forced): it starts again from scratch.
+    resolved = load_config(config, [*overrides, *arm.overrides, f"train.seed={seed}", f"output.dir={run_dir}",
+                                    "output.overwrite=true"])
     trainer = train(resolved)
     (run_dir / DONE).write_text(json.dumps({"arm": arm.name, "seed": seed, "batches": trainer.state.batch,
                                             "rollouts": trainer.state.rollouts,

@@ -175,6 +175,8 @@ class GRPOTrainer:
     def __init__(self, config: Config, model=None, tokenizer=None, task=None, resume_from: Path | None = None):
         self.config = config
         self.run_dir = Path(config.output.dir)
+        if resume_from is None:  # before anything slow: a typo must not cost a model load, nor a run
+            prepare_fresh_run_dir(self.run_dir, config.output.overwrite)
         if config.train.threads or torch.get_num_threads() > machine_threads():  # never oversubscribe the cores
             torch.set_num_threads(config.train.threads or machine_threads())
         random.seed(config.train.seed)
@@ -225,8 +227,10 @@ class GRPOTrainer:
         metrics_path = self.run_dir / "metrics.jsonl"
         if resume_from is not None:
             self._load_checkpoint(resume_from / CHECKPOINT, metrics_path)
+            if self.state.batch > config.train.max_batches:
+                raise ConfigError(f"train.max_batches={config.train.max_batches}, but {resume_from} already "
+                                  f"trained {self.state.batch} batches; give a larger train.max_batches to continue")
         else:
-            metrics_path.unlink(missing_ok=True)
             save_config(config, self.run_dir / "config.yaml")
         self.metrics = MetricsWriter(metrics_path, self.run_dir / "tensorboard" if config.output.tensorboard else None)
 
@@ -622,6 +626,24 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="batches", unit="batch", disable=not enabled, dynamic_ncols=True)
+
+
+RUN_FILES = ("metrics.jsonl", "config.yaml", CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp",
+             "reward_errors.jsonl", "tensorboard", "done.json")
+
+
+def prepare_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse to start a fresh run where one already lives, unless asked to replace it (then clear it)."""
+    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
+    if not existing:
+        return
+    if not overwrite:
+        raise ConfigError(f"output.dir {run_dir} already holds a run ({', '.join(existing)}); continue it with "
+                          f"--resume {run_dir}, replace it with --overwrite (output.overwrite=true), or choose "
+                          "another --output")
+    for name in existing:
+        path = run_dir / name
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
 def find_checkpoint(run_dir: Path) -> Path:

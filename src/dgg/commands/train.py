@@ -15,6 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="shortcut for model.path: a local Hugging Face causal-LM directory, "
                                         "a hub name, or 'default' (the embedded tiny model)")
     parser.add_argument("--output", help="shortcut for output.dir")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a run already in the output directory (default: refuse)")
     parser.add_argument("--resume", metavar="RUN_DIR",
                         help="continue the run in RUN_DIR from its last checkpoint (its config.yaml is used; "
                              "overrides such as train.max_batches=200 still apply)")
@@ -30,6 +32,8 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"model.path={args.model}")
     if args.output:
         overrides.append(f"output.dir={args.output}")
+    if args.overwrite:
+        overrides.append("output.overwrite=true")
     try:
         if args.resume:
             if args.config:
