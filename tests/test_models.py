@@ -159,3 +159,10 @@ def test_demo_on_a_named_model_uses_its_config_and_reports(offline, tmp_path, ca
     assert "Goal check" in (out / "report.md").read_text()
     assert cli_main(["demo", "--model", "no-such-model"]) == 2
     assert "named models" in capsys.readouterr().err
+
+
+def test_constants_accepts_a_named_model(offline, tmp_path):
+    out = tmp_path / "constants.json"
+    assert cli_main(["constants", "--model", offline.name, "--task", "chain_sum", "--texts", "2", "--tokens", "4",
+                     "--json", str(out)]) == 0
+    assert json.loads(out.read_text())

@@ -100,6 +100,13 @@ def load_model(path: str, dtype_name: str, device):
 
     hf_logging.disable_progress_bar()
 
+    from dgg import models
+
+    if path in models.MODELS:  # a named real model: fetched and converted on first use
+        try:
+            path = str(models.fetch(path))
+        except models.ModelFetchError as err:
+            raise ValueError(f"--model: {err}") from None
     if not os.path.isdir(path) and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise ValueError(f"--model: model directory not found: {path}")
     try:
