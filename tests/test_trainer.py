@@ -295,3 +295,24 @@ def test_resume_with_a_lower_max_batches_says_so(tiny_model_dir, tmp_path, capsy
                      "train.max_batches=2", "eval.every=0"]) == 0
     assert cli_main(["train", "--resume", str(run), "train.max_batches=1"]) == 2
     assert "already trained 2 batches" in capsys.readouterr().err
+
+
+def test_the_weight_profile_reports_the_sampled_lm_head_rows(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "train.max_batches=2", "reuse.mode=fixed",
+                           "reuse.max_reuse=2", "eval.every=0")
+    trainer.train()
+    weights = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "weights"]
+    assert weights and all(r["weights/lm_head_sampled"] > 0 for r in weights)
+
+    from dgg.profiler import WeightChangeProfiler
+
+    model = trainer.model
+    profiler = WeightChangeProfiler(model)
+    head = model.get_output_embeddings().weight
+    before = head.detach().clone()
+    with torch.no_grad():
+        head[[3, 5]] += 0.01  # only rows 3 and 5 move
+    change = profiler.measure(torch.tensor([3, 5]))
+    expected = float((head.detach()[[3, 5]] - before[[3, 5]]).norm() / before[[3, 5]].norm())
+    assert change["lm_head_sampled"] == pytest.approx(expected, rel=1e-5)
+    assert "lm_head_sampled" not in profiler.measure()  # without sampled ids there is nothing to report

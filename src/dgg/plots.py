@@ -13,7 +13,8 @@ ARM_STYLE = {  # arm -> (label, colour)
     "dgg": ("GRPO w/ DGG", "#1f77b4"),
     "dgg_reuse": ("GRPO w/ DGG (reuse-only window)", "#2ca02c"),
 }
-COMPONENT_STYLE = {"lm_head": "#d62728", "attn": "#2ca02c", "mlp": "#9467bd", "embed": "#8c564b", "norm": "#7f7f7f"}
+COMPONENT_STYLE = {"lm_head": "#d62728", "lm_head_sampled": "#ff9896", "attn": "#2ca02c", "mlp": "#9467bd",
+                   "embed": "#8c564b", "norm": "#7f7f7f"}
 
 
 def _pyplot():

@@ -63,15 +63,25 @@ class WeightChangeProfiler:
         return totals
 
     @torch.no_grad()
-    def measure(self) -> dict[str, float]:
-        """Relative change of each component since the last call (or since construction); then re-snapshot."""
+    def measure(self, sampled_ids: torch.Tensor | None = None) -> dict[str, float]:
+        """Relative change of each component since the last call (or since construction); then re-snapshot.
+
+        With ``sampled_ids`` (the token ids sampled since the last call) also ``lm_head_sampled``: the change of
+        just those rows of the lm_head, ‖W_t[S] − W_{t−Δ}[S]‖_F / ‖W_{t−Δ}[S]‖_F. Under tied embeddings the
+        whole 49k-row matrix dilutes what happens to the few hundred rows a batch actually samples."""
         change_sq: dict[str, float] = {}
+        extra: dict[str, float] = {}
         for name, (component, param) in self._params.items():
             previous = self._snapshot[name]
             diff = param.detach().to(previous.device, torch.float32) - previous
             change_sq[component] = change_sq.get(component, 0.0) + float(diff.pow(2).sum())
+            if component == "lm_head" and sampled_ids is not None and diff.dim() == 2 and sampled_ids.numel():
+                rows = sampled_ids.to(previous.device).long()
+                extra["lm_head_sampled"] = float(diff.index_select(0, rows).norm()) / max(
+                    float(previous.index_select(0, rows).norm()), 1e-12)
             previous.copy_(param.detach())
-        return {c: math.sqrt(change_sq[c]) / max(math.sqrt(self._reference_sq[c]), 1e-12) for c in change_sq}
+        out = {c: math.sqrt(change_sq[c]) / max(math.sqrt(self._reference_sq[c]), 1e-12) for c in change_sq}
+        return {**out, **extra}
 
     def state_dict(self) -> dict:
         return {"snapshot": {n: t.clone() for n, t in self._snapshot.items()}, "reference_sq": self._reference_sq}

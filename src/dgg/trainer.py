@@ -222,6 +222,7 @@ class GRPOTrainer:
         self._theorem2_parts: list[dict] = []
         self._theorem2_seconds = 0.0
         self._paused_seconds = 0.0  # diagnostic time inside the current tick, kept off the training clock
+        self._sampled_ids: list[torch.Tensor] = []
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -278,6 +279,9 @@ class GRPOTrainer:
                                 cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
                                 self.precision)
         self.state.rollouts += batch.size
+        if self.profiler is not None:  # which lm_head rows this batch sampled (weights/lm_head_sampled)
+            completions = batch.input_ids[:, batch.prompt_length:]
+            self._sampled_ids.append(torch.unique(completions[batch.completion_mask > 0]).cpu())
         started = time.perf_counter()
         if self.reference is not None:
             score_old_policy(self.reference, batch, cfg.rollout.temperature, cfg.train.micro_batch_size,
@@ -365,7 +369,9 @@ class GRPOTrainer:
         self.state.updates += 1
         self._log_update(reuse_index, stats, loss, energy, grad_norm, decision, started, applied=True)
         if self.profiler and self.state.updates % self.config.profile.weights_every == 0:
-            changes = self.profiler.measure()
+            sampled = torch.unique(torch.cat(self._sampled_ids)) if self._sampled_ids else None
+            self._sampled_ids = []
+            changes = self.profiler.measure(sampled)
             self.metrics.write("weights", self.state, {"update": self.state.updates,
                                                        **{f"weights/{c}": v for c, v in changes.items()}})
         return True
@@ -565,6 +571,7 @@ class GRPOTrainer:
             "reuse_rule": self.rule.state_dict(),
             "watch": self.watch.state_dict(),
             "profiler": self.profiler.state_dict() if self.profiler else None,
+            "sampled_ids": self._sampled_ids,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "metrics_offset": self.metrics.offset(),
@@ -592,6 +599,7 @@ class GRPOTrainer:
             self.gate.load_state_dict(saved["gate"])
         if self.profiler and saved["profiler"] is not None:
             self.profiler.load_state_dict(saved["profiler"])
+            self._sampled_ids = [ids.cpu() for ids in saved.get("sampled_ids", [])]
         torch.set_rng_state(saved["rng"]["torch"].cpu())
         random.setstate(saved["rng"]["python"])
         if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
