@@ -136,16 +136,19 @@ class DGGRule:
 
     def __init__(self, tau: float = 0.5, window: int = 20, history: str = "all"):
         self.gate = GradientGate(tau=tau, window=window, history=history)
+        self._last: tuple[AttemptSignals, bool] | None = None  # (signals, own discard) of the latest decide
 
     def decide(self, signals: AttemptSignals) -> Verdict:
         energy = _need(signals, "lm_head_energy", self.name)
         decision = copy.deepcopy(self.gate).observe(energy, signals.reuse_index)  # a look, not a step
+        self._last = (signals, decision.discard)
         values = {"dgg/z": decision.z, "dgg/delta": decision.delta, "dgg/ready": decision.ready}
         return Verdict(not decision.discard, f"dgg:{decision.reason}" if decision.discard else None, values)
 
     def record(self, signals: AttemptSignals, applied: bool) -> None:
         # The gate's statistics move only with applied steps; a step another rule dropped is not observed.
-        if applied or self.decide(signals).reason is not None:
+        own_discard = self._last[1] if self._last and self._last[0] is signals else not self.decide(signals).apply
+        if applied or own_discard:
             self.gate.observe(signals.lm_head_energy, signals.reuse_index)
 
     def state_dict(self) -> dict:

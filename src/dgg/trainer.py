@@ -3,6 +3,9 @@
 Read :meth:`GRPOTrainer.train`, :meth:`GRPOTrainer.reuse` and :meth:`GRPOTrainer.update` top to bottom:
 they are Algorithm 1's lines 1–12. Everything numeric lives in small modules: ``loss`` (Eq. 1),
 ``rollout`` (sampling, log-probs), ``gate`` (Eq. 8), ``probe`` (g_t), ``profiler`` (Fig. 1).
+
+Over 450 lines for now: the trainer still holds run I/O (metrics, checkpoints) and model loading beside
+Algorithm 1; issue 12 moves them into their own modules.
 """
 
 from __future__ import annotations
