@@ -70,7 +70,23 @@ def test_a_sweep_cut_short_reports_its_finished_arms(tiny_model_dir, tmp_path, c
     assert cli_main(["report", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["arms_pending"] == ["dgg_k4_tau1"] and "dgg_k4_tau1" not in summary["arms"]
-    assert "**Partial:** 1 of 5 arms not finished" in (out / "report.md").read_text()
+    assert "**Partial:** 1 of 5 arms have not finished every seed" in (out / "report.md").read_text()
     shutil.rmtree(out / "single")
     assert cli_main(["report", str(out)]) == 2
     assert "baseline" in capsys.readouterr().err
+
+
+def test_arms_selects_a_subset_with_its_baseline_and_seeds_can_differ_per_arm(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "main"
+    common = ["--out", str(out), f"model.path={tiny_model_dir}", *TINY]
+    assert cli_main(["bench", "main", "--seeds", "1", "--arms", "fixed_k4", *common]) == 0
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["fixed_k4", "single"]  # baseline came along
+    assert cli_main(["bench", "main", "--seeds", "2", "--arms", "single", *common]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arm_seeds"]["single"] == [0, 1] and summary["arm_seeds"]["fixed_k4"] == [0]
+    assert [r["seed"] for r in summary["arms"]["fixed_k4"]["runs"]] == [0]
+    assert summary["experiment"]["seeds"] == [0, 1]
+    assert "compare means with care" in (out / "report.md").read_text()
+    capsys.readouterr()
+    assert cli_main(["bench", "main", "--arms", "nope", *common]) == 2
+    assert "its arms are: single, fixed_k4" in capsys.readouterr().err

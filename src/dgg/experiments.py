@@ -68,19 +68,28 @@ def run_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int
     return run_dir
 
 
-def summarise(out: Path, arms: list[Arm], seeds: list[int]
+def summarise(out: Path, arms: list[Arm], seeds: list[int], seeds_for: dict[str, list[int]] | None = None
               ) -> tuple[dict[str, list[ArmSummary]], dict[str, list[list[dict]]]]:
-    """Per arm: one summary per seed (speedups against the same seed's baseline arm) and the metrics records."""
+    """Per arm: one summary per seed (speedups against the same seed's baseline arm) and the metrics records.
+    ``seeds_for`` narrows an arm to the seeds it has finished (a sweep still running)."""
     summaries: dict[str, list[ArmSummary]] = {a.name: [] for a in arms}
     records: dict[str, list[list[dict]]] = {a.name: [] for a in arms}
+    cache: dict[tuple[str, int], list[dict]] = {}
+
+    def metrics(name: str, seed: int) -> list[dict]:
+        if (name, seed) not in cache:
+            cache[name, seed] = read_metrics(out / name / f"seed{seed}")
+        return cache[name, seed]
+
     for seed in seeds:
-        per_arm = {a.name: read_metrics(run_dir_for(out, a, seed)) for a in arms}
         for arm in arms:
-            pair = {arm.baseline: per_arm[arm.baseline], arm.name: per_arm[arm.name]}
+            if seeds_for is not None and seed not in seeds_for.get(arm.name, ()):
+                continue
+            pair = {arm.baseline: metrics(arm.baseline, seed), arm.name: metrics(arm.name, seed)}
             summary = compare_to_baseline(pair, arm.baseline)[arm.name]
             summary.seed = seed
             summaries[arm.name].append(summary)
-            records[arm.name].append(per_arm[arm.name])
+            records[arm.name].append(metrics(arm.name, seed))
     return summaries, records
 
 

@@ -18,7 +18,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default="demo", help="base config (YAML path or bundled name; default demo)")
     parser.add_argument("--out", default=None, help="directory (default runs/bench/NAME)")
     parser.add_argument("--force", action="store_true", help="re-run arms that already finished")
+    parser.add_argument("--arms", default=None, metavar="NAME,...",
+                        help="run only these arms, in this order (the report still covers every arm that has runs)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides applied to every arm")
+
+
+def select_arms(arms: list, spec: str | None) -> list | None:
+    """The arms named in ``spec`` (comma-separated, in that order), all arms for None, None if a name is unknown.
+    An arm's baseline is run first when it is not already selected, since speedups need it."""
+    if spec is None:
+        return arms
+    by_name = {a.name: a for a in arms}
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names or any(n not in by_name for n in names):
+        return None
+    chosen: list = []
+    for name in names:
+        for needed in (by_name[name].baseline, name):
+            if needed in by_name and by_name[needed] not in chosen:
+                chosen.append(by_name[needed])
+    return chosen
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,14 +63,24 @@ def run(args: argparse.Namespace) -> int:
 
             overrides.append(f"model.path={warmstart(WarmstartConfig())}")
         arms = EXPERIMENTS[args.name](config)
+        selected = select_arms(arms, args.arms)
+        if selected is None:
+            names = ", ".join(a.name for a in arms)
+            print(f"dgg bench: error: --arms {args.arms!r} names an arm {args.name} does not have; "
+                  f"its arms are: {names}", file=sys.stderr)
+            return 2
         seeds = list(range(args.seeds))
         out.mkdir(parents=True, exist_ok=True)
-        (out / "experiment.json").write_text(json.dumps({
-            "name": args.name, "config": str(args.config), "overrides": overrides, "seeds": seeds,
+        previous = out / "experiment.json"
+        # A partial run (--arms, fewer seeds) widens the record, never narrows it: the report covers all runs.
+        recorded = json.loads(previous.read_text()).get("seeds", []) if previous.is_file() else []
+        previous.write_text(json.dumps({
+            "name": args.name, "config": str(args.config), "overrides": overrides,
+            "seeds": sorted({*recorded, *seeds}),
             "arms": [{"name": a.name, "label": a.label, "overrides": list(a.overrides), "baseline": a.baseline}
                      for a in arms]}, indent=2))
-        total = len(arms) * len(seeds)
-        for i, (seed, arm) in enumerate(((s, a) for s in seeds for a in arms), 1):
+        total = len(selected) * len(seeds)
+        for i, (seed, arm) in enumerate(((s, a) for s in seeds for a in selected), 1):
             print(f"[{i}/{total}] {arm.label}, seed {seed}", flush=True)
             run_arm(args.config, overrides, arm, seed, out, force=args.force)
     except ConfigError as err:

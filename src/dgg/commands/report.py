@@ -88,41 +88,49 @@ def build_report(out: Path) -> str:
     def done(arm, seed):
         return (run_dir_for(out, arm, seed) / "done.json").is_file()
 
-    # A sweep cut short still reports: the seeds whose baselines finished, and the arms finished on all of them.
-    baselines = {a.baseline for a in planned}
-    finished = [s for s in spec["seeds"] if all(done(a, s) for a in planned if a.name in baselines)]
-    arms = [a for a in planned if finished and all(done(a, s) for s in finished)]
-    if not finished or not arms:
+    # A sweep cut short still reports: each arm over the seeds it has finished whose baseline finished too.
+    names = {a.name: a for a in planned}
+    finished = [s for s in spec["seeds"] if any(done(a, s) for a in planned)]
+    arm_seeds = {a.name: [s for s in finished if done(a, s) and a.baseline in names and done(names[a.baseline], s)]
+                 for a in planned}
+    arms = [a for a in planned if arm_seeds[a.name]]
+    if not arms:
         raise ValueError(f"{out}: no seed has finished its baseline arm(s) yet")
-    pending = [a.label for a in planned if a not in arms]
-    summaries, records = summarise(out, arms, finished)
+    finished = [s for s in finished if any(s in arm_seeds[a.name] for a in arms)]
+    pending = [a.label for a in planned if len(arm_seeds[a.name]) < len(spec["seeds"])]
+    summaries, records = summarise(out, arms, finished, arm_seeds)
     aggregated = aggregate(summaries)
     labels = {a.name: a.label for a in arms}
     plot_accuracy(records, out / "fig_accuracy.png", labels)
-    n = len(finished)
+    uneven = len({len(arm_seeds[a.name]) for a in arms}) > 1
     lines = [f"# dgg bench {spec['name']}", "",
              f"Config `{spec['config']}` with overrides {spec['overrides'] or 'none'}; seeds {finished}"
              f"{' (of ' + str(spec['seeds']) + ')' if len(finished) < len(spec['seeds']) else ''}. "
              "Mean ± std over seeds. Speedups (paper Table 1, footnote 6): the baseline's cost to first reach its "
              "converged accuracy (mean of its last five evaluations) divided by the arm's cost to reach it, "
              "per seed.", "",
-             *([f"**Partial:** {len(pending)} of {len(planned)} arms not finished yet ({', '.join(pending)}); "
-                "rerun the same `dgg bench` command to continue.", ""] if pending else []),
-             "| arm | converged acc. | peak | rollout speedup | wall-clock speedup | collapsed | discards | "
-             "rule stops/run (reasons) | updates/batch | training time (s) |", "|---|---|---|---|---|---|---|---|---|---|"]
+             *([f"**Partial:** {len(pending)} of {len(planned)} arms have not finished every seed "
+                f"({', '.join(pending)}); rerun the same `dgg bench` command to continue."
+                + (" Arms differ in how many seeds they have (column *seeds*): compare means with care." if uneven
+                   else ""), ""] if pending else []),
+             "| arm | seeds | converged acc. | peak | rollout speedup | wall-clock speedup | collapsed | discards | "
+             "rule stops/run (reasons) | updates/batch | training time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         a = aggregated[arm.name]
+        n = len(arm_seeds[arm.name])
         undefined = sum(r["speedup_undefined"] for r in a["runs"])  # seeds whose baseline never improved
         speedups = [_speedup_cell(a, key, n, undefined) for key in ("rollout_speedup", "wall_clock_speedup")]
         lines.append(
-            f"| {arm.label} | {_fmt(a['converged_accuracy']['mean'], a['converged_accuracy']['std'])} | "
+            f"| {arm.label} | {','.join(map(str, arm_seeds[arm.name]))} | {_fmt(a['converged_accuracy']['mean'], a['converged_accuracy']['std'])} | "
             f"{_fmt(a['peak_accuracy']['mean'])} | {speedups[0]} | {speedups[1]} | "
             f"{a['collapsed_seeds']}/{n} | {_fmt(a['discards']['mean'], digits=1)} | {_stops_cell(a['runs'])} | "
             f"{_fmt(a['mean_reuse_per_batch']['mean'], digits=2)} | {_fmt(a['wall_time']['mean'], digits=0)} |")
     lines += ["", "A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than 0.10.",
               "", "![accuracy](fig_accuracy.png)", ""]
     summary = {"experiment": spec, "seeds_finished": finished, "arms": aggregated,
-               "arms_pending": [a.name for a in planned if a not in arms]}
+               "arms_pending": [a.name for a in planned if len(arm_seeds[a.name]) < len(spec["seeds"])],
+               "arm_seeds": arm_seeds}
 
     reuse_arms = [a for a in arms if a.name not in ("single",) and not a.name.startswith("single_")]
     if spec["name"] == "reuse-rules":
@@ -136,7 +144,7 @@ def build_report(out: Path) -> str:
                   "firings after onset |", "|---|---|---|---|---|---|"]
         firings = {}
         for arm in reuse_arms:
-            for seed, run in zip(finished, records[arm.name]):
+            for seed, run in zip(arm_seeds[arm.name], records[arm.name]):
                 onset = degradation_onset(eval_points(run))
                 onset_at = onset.rollouts if onset else None
                 for key in SIGNAL_KEYS:
