@@ -4,6 +4,7 @@ import time
 
 import pytest
 
+from dgg.errors import UserError
 from dgg.tasks import (
     MATH_INSTRUCTION,
     Problem,
@@ -323,7 +324,7 @@ def test_math_prompt_formats(math_file):
 
 
 def test_math_file_errors_name_the_file_line_and_field(tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+    with pytest.raises(UserError, match="missing.jsonl"):
         math_task(tmp_path / "missing.jsonl")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question": "a", "answer": "1"}\n\n{"question": "b"}\n')

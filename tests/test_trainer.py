@@ -1,5 +1,6 @@
 import json
 import math
+import shutil
 
 import pytest
 import torch
@@ -190,10 +191,64 @@ def test_missing_model_path_is_a_clear_error(tmp_path, capsys):
     assert "model.path" in capsys.readouterr().err
 
 
-def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
-    (tmp_path / "config.yaml").write_text("reuse:\n  mode: dgg\n")
+def test_resume_without_any_run_is_a_clear_error(tmp_path, capsys):
     assert cli_main(["train", "--resume", str(tmp_path)]) == 2
-    assert "no checkpoint" in capsys.readouterr().err
+    assert "no config.yaml" in capsys.readouterr().err
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_scratch(tiny_model_dir, tmp_path):
+    args = ["--model", str(tiny_model_dir), *TINY_RUN, "train.max_batches=2", "eval.every=0"]
+    assert cli_main(["train", "--output", str(tmp_path / "whole"), *args]) == 0
+    killed = tmp_path / "killed"
+    assert cli_main(["train", "--output", str(killed), *args]) == 0
+    shutil.rmtree(killed / "checkpoint")  # as if killed before the first checkpoint, mid-way through a line
+    with open(killed / "metrics.jsonl", "a") as f:
+        f.write('{"kind": "upd')
+    assert cli_main(["train", "--resume", str(killed)]) == 0
+    assert strip_timing(read_metrics(killed)) == strip_timing(read_metrics(tmp_path / "whole"))
+
+
+def test_resume_refuses_a_change_to_what_the_run_computes(tiny_model_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli_main(["train", "--model", str(tiny_model_dir), "--output", str(run), *TINY_RUN,
+                     "train.max_batches=1", "eval.every=0"]) == 0
+    before = (run / "metrics.jsonl").read_text()
+    assert cli_main(["train", "--resume", str(run), "train.max_batches=2", "optim.lr=0.5", "reuse.mode=fixed"]) == 2
+    error = capsys.readouterr().err
+    assert "optim.lr: 0.01 -> 0.5" in error and "reuse.mode: 'dgg' -> 'fixed'" in error
+    assert "train.max_batches" in error.split("Only")[1]  # names what may change
+    assert (run / "metrics.jsonl").read_text() == before
+    assert cli_main(["train", "--resume", str(run), "train.max_batches=2", "output.progress=false"]) == 0
+
+
+def test_reward_errors_log_is_cut_back_to_the_checkpoint_on_resume(tiny_model_dir, tmp_path):
+    class AlwaysFails(DigitTask):
+        def reward(self, completion, answer):
+            raise RuntimeError("reward exploded")
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, "train.max_batches=1", "eval.every=0", task=AlwaysFails())
+    trainer.train()
+    log_file = trainer.run_dir / "reward_errors.jsonl"
+    kept = log_file.read_text()
+    with open(log_file, "a") as f:  # lines of a batch that was being redone when the run died
+        f.write('{"error": "from work after the checkpoint"}\n')
+    config = load_run_config(trainer.run_dir, ["train.max_batches=1"])
+    GRPOTrainer(config, task=AlwaysFails(), resume_from=trainer.run_dir)
+    assert log_file.read_text() == kept
+
+
+def test_checkpoints_are_written_by_time_as_well_as_by_count(tiny_model_dir, tmp_path, monkeypatch):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "train.max_batches=3", "eval.every=0",
+                           "train.checkpoint_minutes=1")
+    saved = []
+    real_save = trainer.save_checkpoint
+    monkeypatch.setattr(trainer, "save_checkpoint", lambda: saved.append(trainer.state.batch) or real_save())
+    clock = iter([30.0, 61.0, 62.0, 100.0, 101.0, 102.0])
+    trainer._last_checkpoint_time = 0.0
+    monkeypatch.setattr("dgg.trainer.time.monotonic", lambda: next(clock))
+    trainer.train()
+    assert saved == [2, 3]  # batch 2 ends 61 s after the start; batch 3 (38 s later) is the end of the run
+    assert load_config(None).train.checkpoint_minutes == 10.0  # a kill costs at most ten minutes by default
 
 
 def test_pi_old_from_the_first_update_equals_a_separate_scoring_pass(tiny_model_dir, tmp_path):

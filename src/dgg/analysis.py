@@ -16,6 +16,8 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from dgg.errors import UserError
+
 CONVERGED_WINDOW = 5
 COLLAPSE_THRESHOLD = 0.10  # absolute accuracy lost from the peak to the converged value
 
@@ -25,13 +27,20 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a dgg run directory?")
     records = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}, line {number}: not JSON ({err})") from err
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}, line {number}: not UTF-8 text (byte {err.start})") from None
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if not raw.endswith(b"\n"):  # a line torn by a kill mid-write: everything before it is whole
+                    break
+                raise UserError(f"{path}, line {number}: not JSON ({err})") from None
     return records
 
 

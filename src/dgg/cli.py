@@ -7,6 +7,8 @@ import argparse
 import importlib
 import sys
 
+from dgg.errors import UserError
+
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("dgg.commands.train", "train a policy with GRPO (single-use, fixed-K or DGG reuse)"),
@@ -25,6 +27,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
 
     parser = argparse.ArgumentParser(prog="dgg", description="Dynamic Gradient Gating for RLVR.")
     parser.add_argument("--version", action="version", version=f"dgg {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, object] = {}
     for name, (module_name, help_text) in COMMANDS.items():
@@ -52,7 +55,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(modules[args.command].run(args) or 0)
+    try:
+        return int(modules[args.command].run(args) or 0)
+    except (UserError, OSError) as err:
+        # One error path: a user error is one line naming what to fix, exit 2; --debug shows where it arose.
+        if args.debug:
+            raise
+        print(f"dgg {args.command}: error: {describe_error(err)}", file=sys.stderr)
+        return 2
+
+
+def describe_error(err: BaseException) -> str:
+    if isinstance(err, OSError) and not isinstance(err, UserError):
+        where = f": {err.filename}" if err.filename else ""
+        return f"{err.strerror or err}{where} (rerun with --debug for the traceback)"
+    return str(err)
 
 
 if __name__ == "__main__":

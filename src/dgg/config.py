@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from dgg.errors import UserError
 from dgg.gate import HISTORY_MODES
 from dgg.precision import PRECISIONS
 from dgg.reuse_rules import KL_ESTIMATORS, RuleSettings, parse_rule_names
@@ -24,7 +25,7 @@ from dgg.tasks import TaskConfig
 REUSE_MODES = ("single", "fixed", "dgg")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value or file that cannot be used; the message names the field."""
 
 
@@ -41,6 +42,9 @@ class ModelConfig:
     """Parameter dtype: float32, bfloat16 or float16."""
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
+    strict_weights: bool = True
+    """Refuse a checkpoint whose weights leave parameters randomly initialised or go unused (a model_type that
+    does not match the weights); false allows it on purpose."""
 
     def __post_init__(self):
         _check(self.dtype in ("float32", "bfloat16", "float16"), "model.dtype", "float32, bfloat16 or float16",
@@ -189,7 +193,10 @@ class TrainConfig:
     micro_batch_size: int | None = None
     """Rows per forward/backward (gradient accumulation); null = the whole (mini-)batch at once."""
     checkpoint_every: int = 0
-    """Write a resumable checkpoint every N batches (0 = only at the end)."""
+    """Write a resumable checkpoint every N batches (0: by time only, see checkpoint_minutes)."""
+    checkpoint_minutes: float = 10.0
+    """Also write one when this many minutes have passed since the last (0: never by time), so that a kill
+    costs at most this much work. Checkpointing stays off the training clock."""
     threads: int | None = None
     """torch CPU threads (null: torch's default, capped at the cores this process may run on)."""
     precision: str = "fp32"
@@ -201,6 +208,7 @@ class TrainConfig:
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size",
                "an integer >= 1 or null", self.micro_batch_size)
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "an integer >= 0", self.checkpoint_every)
+        _check(self.checkpoint_minutes >= 0, "train.checkpoint_minutes", "a number >= 0", self.checkpoint_minutes)
         _check(self.threads is None or self.threads >= 1, "train.threads", "an integer >= 1 or null", self.threads)
         _check(self.precision in PRECISIONS, "train.precision", f"one of {PRECISIONS}", self.precision)
 
@@ -345,6 +353,17 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
         raise
     except (ValueError, TypeError) as err:  # validation inside a nested config from another module
         raise ConfigError(f"{prefix.rstrip('.')}: {err}") from err
+
+
+def flatten(data: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"train": {"seed": 0}}`` -> ``{"train.seed": 0}``, the dotted keys that overrides use."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def to_dict(config: Any) -> dict:

@@ -35,6 +35,8 @@ from decimal import Decimal, InvalidOperation
 from functools import lru_cache
 from typing import Protocol, runtime_checkable
 
+from dgg.errors import UserError
+
 SPLITS = ("train", "test")
 PROMPT_FORMATS = ("auto", "bare", "instruct", "chat")
 ANSWER_PARSERS = ("tags", "lenient")
@@ -129,45 +131,45 @@ class TaskConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"TaskConfig.name must be a non-empty string (got {self.name!r})")
+            raise UserError(f"TaskConfig.name must be a non-empty string (got {self.name!r})")
         if not isinstance(self.options, dict) or not all(isinstance(k, str) for k in self.options):
-            raise ValueError(f"TaskConfig.options must be a dict with string keys (got {self.options!r})")
+            raise UserError(f"TaskConfig.options must be a dict with string keys (got {self.options!r})")
         reserved = sorted({"seed", "size"} & set(self.options))
         if reserved:
-            raise ValueError(f"TaskConfig.options must not set {reserved}: use TaskConfig.seed/test_size")
+            raise UserError(f"TaskConfig.options must not set {reserved}: use TaskConfig.seed/test_size")
         if self.prompt_format not in PROMPT_FORMATS:
-            raise ValueError(
+            raise UserError(
                 f"TaskConfig.prompt_format must be one of {PROMPT_FORMATS} (got {self.prompt_format!r})"
             )
         if self.answer_parser not in ANSWER_PARSERS:
-            raise ValueError(
+            raise UserError(
                 f"TaskConfig.answer_parser must be one of {ANSWER_PARSERS} (got {self.answer_parser!r})"
             )
         if self.instruction is not None and not isinstance(self.instruction, str):
-            raise ValueError(f"TaskConfig.instruction must be a string or None (got {self.instruction!r})")
+            raise UserError(f"TaskConfig.instruction must be a string or None (got {self.instruction!r})")
         for name in ("path", "subset", "test_path"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
-                raise ValueError(f"TaskConfig.{name} must be None or a non-empty string (got {value!r})")
+                raise UserError(f"TaskConfig.{name} must be None or a non-empty string (got {value!r})")
         for name in ("train_split", "test_split", "question_field", "answer_field"):
             value = getattr(self, name)
             if not isinstance(value, str) or not value:
-                raise ValueError(f"TaskConfig.{name} must be a non-empty string (got {value!r})")
+                raise UserError(f"TaskConfig.{name} must be a non-empty string (got {value!r})")
         if self.name == MATH_TASK_NAME and self.path is None:
-            raise ValueError(
+            raise UserError(
                 "TaskConfig.path is required for the 'math' task (a JSONL file or a hub dataset name)"
             )
         if isinstance(self.test_size, bool) or not isinstance(self.test_size, int) or self.test_size < 1:
-            raise ValueError(f"TaskConfig.test_size must be an integer >= 1 (got {self.test_size!r})")
+            raise UserError(f"TaskConfig.test_size must be an integer >= 1 (got {self.test_size!r})")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"TaskConfig.seed must be an integer >= 0 (got {self.seed!r})")
+            raise UserError(f"TaskConfig.seed must be an integer >= 0 (got {self.seed!r})")
         timeout = self.reward_timeout_s
         if (
             isinstance(timeout, bool)
             or not isinstance(timeout, (int, float))
             or not 0 < timeout < float("inf")
         ):
-            raise ValueError(f"TaskConfig.reward_timeout_s must be a finite number > 0 (got {timeout!r})")
+            raise UserError(f"TaskConfig.reward_timeout_s must be a finite number > 0 (got {timeout!r})")
 
 
 def derive_seed(*parts: object) -> int:
@@ -306,11 +308,11 @@ def _create_reasoning_gym_dataset(name: str, options: dict, seed: int, size: int
         allowed = sorted(
             f.name for f in dataclasses.fields(DATASETS[name][1]) if f.name not in ("seed", "size")
         )
-        raise ValueError(
+        raise UserError(
             f"TaskConfig.options {options!r} do not fit {name!r}: {error}; allowed keys: {allowed}"
         ) from None
     except AssertionError as error:  # reasoning-gym validates configs with assert
-        raise ValueError(f"TaskConfig.options {options!r} are invalid for {name!r}: {error}") from None
+        raise UserError(f"TaskConfig.options {options!r} are invalid for {name!r}: {error}") from None
 
 
 class ReasoningGymTask:
@@ -337,7 +339,7 @@ class ReasoningGymTask:
         self.isolate_reward = config.prompt_format != "bare"
         self._scorer = _create_reasoning_gym_dataset(config.name, config.options, seed=0, size=1)
         if config.prompt_format == "bare" and "expression" not in self._scorer[0].get("metadata", {}):
-            raise ValueError(
+            raise UserError(
                 f"TaskConfig.prompt_format='bare' needs entries with metadata['expression'] "
                 f"(e.g. chain_sum, basic_arithmetic, products); {config.name!r} has none: use 'instruct' or 'chat'"
             )
@@ -426,7 +428,7 @@ class ReasoningGymTask:
             if len(kept) == TRAIN_CHUNK_SIZE:
                 break
         else:
-            raise ValueError(
+            raise UserError(
                 f"{self.name} with options {self.config.options!r}: after {MAX_DRAWS_PER_KEPT_PROBLEM * TRAIN_CHUNK_SIZE} "
                 f"draws only {len(kept)} train problems fall outside the {len(self._test_prompts)} held-out prompts; "
                 "lower TaskConfig.test_size or widen TaskConfig.options"
@@ -450,28 +452,32 @@ def read_jsonl_rows(path: str, question_field: str, answer_field: str) -> list[d
     """``{"question", "answer"}`` rows of a JSONL file; errors name the file, the line and the field."""
     path = os.path.expanduser(path)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"math task file not found: {path}")
+        raise UserError(f"math task file not found: {path} (task.path)")
     rows = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for line_number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise UserError(f"{path}, line {line_number}: not UTF-8 text (byte {error.start})") from None
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {line_number}: not valid JSON ({error})") from None
+                raise UserError(f"{path}, line {line_number}: not valid JSON ({error})") from None
             if not isinstance(record, dict):
-                raise ValueError(
+                raise UserError(
                     f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}"
                 )
             for name in (question_field, answer_field):
                 if name not in record:
-                    raise ValueError(
+                    raise UserError(
                         f"{path}, line {line_number}: missing field {name!r} (has {sorted(record)})"
                     )
             rows.append({"question": str(record[question_field]), "answer": str(record[answer_field])})
     if not rows:
-        raise ValueError(f"math task file {path} holds no rows")
+        raise UserError(f"math task file {path} holds no rows")
     return rows
 
 
@@ -485,7 +491,7 @@ def load_hub_rows(
     dataset = datasets.load_dataset(*args, split=split)
     missing = [name for name in (question_field, answer_field) if name not in dataset.column_names]
     if missing:
-        raise ValueError(
+        raise UserError(
             f"dataset {path!r} split {split!r} has no field {missing} (has {dataset.column_names})"
         )
     return [
@@ -527,7 +533,7 @@ class MathTask:
         rng = random.Random(derive_seed(config.seed, "math-split"))
         if same_source:
             if len(train_rows) <= config.test_size:
-                raise ValueError(
+                raise UserError(
                     f"{config.path} has {len(train_rows)} rows; holding out TaskConfig.test_size={config.test_size} "
                     "leaves none for training: lower test_size or give a separate test_path/test_split"
                 )
@@ -546,7 +552,7 @@ class MathTask:
             row for row in train_rows if _normalise_question(row["question"]) not in test_questions
         ]
         if not self._train_rows:
-            raise ValueError(f"every train row of {config.path} also appears in the test set")
+            raise UserError(f"every train row of {config.path} also appears in the test set")
         self.dropped_train_duplicates = len(train_rows) - len(self._train_rows)
         self._epoch_orders: OrderedDict[int, list[int]] = OrderedDict()
 
@@ -626,6 +632,7 @@ def resolve_prompt_format(config: TaskConfig, chat_template: bool) -> TaskConfig
     """``prompt_format="auto"`` made concrete for a model whose tokenizer has (or lacks) a chat template."""
     if config.prompt_format != "auto":
         return config
+    check_task_name(config.name)
     if chat_template:
         chosen = "chat"
     elif config.name == MATH_TASK_NAME:
@@ -636,17 +643,21 @@ def resolve_prompt_format(config: TaskConfig, chat_template: bool) -> TaskConfig
     return dataclasses.replace(config, prompt_format=chosen)
 
 
+def check_task_name(name: str) -> None:
+    if name != MATH_TASK_NAME and name not in reasoning_gym_names():
+        names = reasoning_gym_names()
+        raise UserError(
+            f"unknown task.name {name!r}: valid names are {MATH_TASK_NAME!r} and the reasoning-gym datasets "
+            f"({len(names)}, also listed by dgg.tasks.reasoning_gym_names()): {', '.join(names)}"
+        )
+
+
 def make_task(config: TaskConfig) -> Task:
     """The task named by ``config.name``: ``"math"`` or any reasoning-gym dataset name.
 
     ``prompt_format="auto"`` is resolved as for a model without a chat template; a trainer that knows its
     tokenizer calls :func:`resolve_prompt_format` first."""
-    if config.name != MATH_TASK_NAME and config.name not in reasoning_gym_names():
-        names = reasoning_gym_names()
-        raise ValueError(
-            f"unknown task {config.name!r}: valid names are {MATH_TASK_NAME!r} and the reasoning-gym datasets "
-            f"({len(names)}, also listed by dgg.tasks.reasoning_gym_names()): {', '.join(names)}"
-        )
+    check_task_name(config.name)
     config = resolve_prompt_format(config, chat_template=False)
     if config.name == MATH_TASK_NAME:
         return MathTask(config)

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from dgg.config import Config, ConfigError, ModelConfig, load_config, save_config
+from dgg.config import Config, ConfigError, ModelConfig, flatten, load_config, save_config, to_dict
 from dgg.energy_split import EnergySplit
 from dgg.loss import clipped_surrogate_loss, group_advantages, reference_kl
 from dgg.precision import autocast, machine_threads
@@ -71,9 +71,9 @@ def resolve_model_path(path: str) -> str:
 
 def load_policy(config: ModelConfig, weights_from: str | None = None):
     """Load (model, tokenizer) from a local directory or hub name, with a message that names the field."""
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from dgg.loading import load_causal_lm
     from dgg.tiny import load_tokenizer
 
     hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
@@ -86,11 +86,13 @@ def load_policy(config: ModelConfig, weights_from: str | None = None):
     if local.exists() and not (local / "config.json").is_file():
         raise ConfigError(f"model.path {path!r} is not a Hugging Face model directory (no config.json)")
     dtype = getattr(torch, config.dtype)
+    source = str(local) if local.exists() else path
     try:
-        tokenizer = load_tokenizer(str(local) if local.exists() else path)
-        model = AutoModelForCausalLM.from_pretrained(str(local) if local.exists() else path, dtype=dtype)
+        tokenizer = load_tokenizer(source)
     except OSError as err:
-        raise ConfigError(f"could not load model.path {path!r}: {err}") from err
+        raise ConfigError(f"could not load the tokenizer of model.path {path!r}: {err}") from err
+    model = load_causal_lm(source, dtype, field="checkpoint" if weights_from else "model.path",
+                           strict=config.strict_weights)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
@@ -226,9 +228,12 @@ class GRPOTrainer:
         self._theorem2_seconds = 0.0
         self._paused_seconds = 0.0  # diagnostic time inside the current tick, kept off the training clock
         self._sampled_ids: list[torch.Tensor] = []
+        self._last_checkpoint_time = time.monotonic()
+        self._last_checkpoint_batch = -1
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
+        self._reward_errors_path = self.run_dir / "reward_errors.jsonl"
         if resume_from is not None:
             self._load_checkpoint(resume_from / CHECKPOINT, metrics_path)
             if self.state.batch > config.train.max_batches:
@@ -255,12 +260,12 @@ class GRPOTrainer:
                     self.evaluate()
                 if cfg.profile.c_struct_every and self.state.batch % cfg.profile.c_struct_every == 0:
                     self.measure_c_struct()
-                if cfg.train.checkpoint_every and self.state.batch % cfg.train.checkpoint_every == 0:
+                if self._checkpoint_due():
                     self.save_checkpoint()
                 progress.update(1)
                 progress.set_postfix(reward=f"{float(batch.rewards.mean()):.2f}", reuse=reuse_count,
                                      discards=self.gate.discards_by_reason.get("zscore", 0))
-            if not cfg.train.checkpoint_every or self.state.batch % cfg.train.checkpoint_every:
+            if self._last_checkpoint_batch != self.state.batch:
                 self.save_checkpoint()
             if self.state.bound_violations:
                 log.warning("Theorem 2's bound was exceeded on %d updates (theory/bound_violations)",
@@ -270,6 +275,12 @@ class GRPOTrainer:
             self.metrics.close()
             self.probe.close()
         return self.state
+
+    def _checkpoint_due(self) -> bool:
+        every, minutes = self.config.train.checkpoint_every, self.config.train.checkpoint_minutes
+        by_count = bool(every) and self.state.batch % every == 0
+        by_time = bool(minutes) and time.monotonic() - self._last_checkpoint_time >= 60 * minutes
+        return by_count or by_time
 
     # Algorithm 1, line 2: generate a rollout batch from π_old ← π_θ
     def collect_rollouts(self) -> RolloutBatch:
@@ -304,7 +315,7 @@ class GRPOTrainer:
             if "error" in info:
                 self.state.reward_errors += 1
                 log.warning("reward failed (%s) on prompt %r, completion %r", info["error"], problem.prompt, text)
-                with open(self.run_dir / "reward_errors.jsonl", "a", encoding="utf-8") as f:
+                with open(self._reward_errors_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps({"batch": self.state.batch, "prompt": problem.prompt, "completion": text,
                                         "answer": problem.answer, "error": info["error"]}) + "\n")
             rewards.append(float(reward))
@@ -578,12 +589,15 @@ class GRPOTrainer:
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "metrics_offset": self.metrics.offset(),
+            "reward_errors_offset": self._reward_errors_path.stat().st_size if self._reward_errors_path.exists()
+            else 0,
         }, tmp / STATE_FILE)
         if final.exists():
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
         tmp.rename(final)
         shutil.rmtree(old, ignore_errors=True)
+        self._last_checkpoint_time, self._last_checkpoint_batch = time.monotonic(), self.state.batch
         self._clock = time.perf_counter()
         return final
 
@@ -607,10 +621,13 @@ class GRPOTrainer:
         random.setstate(saved["rng"]["python"])
         if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
-        # Lines written after the checkpoint belong to work that is being redone.
-        if metrics_path.exists():
-            with open(metrics_path, "r+b") as f:
-                f.truncate(saved["metrics_offset"])
+        # Lines written after the checkpoint belong to work that is being redone (a torn last line included).
+        for path, offset in ((metrics_path, saved["metrics_offset"]),
+                             (self._reward_errors_path, saved.get("reward_errors_offset"))):
+            if offset is not None and path.exists():
+                with open(path, "r+b") as f:
+                    f.truncate(offset)
+        self._last_checkpoint_batch = self.state.batch
 
 
 DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop",
@@ -657,13 +674,16 @@ def prepare_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(path) if path.is_dir() else path.unlink()
 
 
-def find_checkpoint(run_dir: Path) -> Path:
-    """The run directory's checkpoint, or a clear error."""
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The run directory if it holds a checkpoint; None if the run died before its first one (config.yaml only);
+    else a clear error."""
     if (run_dir / CHECKPOINT / STATE_FILE).is_file():
         return run_dir
     if (run_dir / (CHECKPOINT + ".old") / STATE_FILE).is_file():  # crashed between the two renames
         (run_dir / (CHECKPOINT + ".old")).rename(run_dir / CHECKPOINT)
         return run_dir
+    if (run_dir / "config.yaml").is_file():
+        return None
     raise ConfigError(f"--resume {run_dir}: no checkpoint found (expected {run_dir / CHECKPOINT / STATE_FILE})")
 
 
@@ -672,16 +692,33 @@ def train(config: Config, resume: str | Path | None = None) -> GRPOTrainer:
     resume_from = None
     if resume is not None:
         resume_from = find_checkpoint(Path(resume))
+        if resume_from is None:  # nothing was saved, so nothing is lost: start it again, from a clean directory
+            log.warning("--resume %s: the run stopped before its first checkpoint; starting it again from batch 0",
+                        resume)
+            config.output.overwrite = True
     trainer = GRPOTrainer(config, resume_from=resume_from)
     trainer.train()
     return trainer
 
 
+# What an override may change when a run is resumed: how long it runs and how it reports, never what it computes.
+RESUMABLE_KEYS = ("train.max_batches", "train.threads", "train.checkpoint_every", "train.checkpoint_minutes",
+                  "output.progress", "output.tensorboard", "output.dir", "output.overwrite")
+
+
 def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved config a run was started with (for --resume), plus overrides such as train.max_batches."""
+    """The resolved config a run was started with (for --resume), plus overrides of :data:`RESUMABLE_KEYS`;
+    any other change is refused with the difference, since it would splice two different runs together."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ConfigError(f"--resume {run_dir}: no config.yaml in that directory")
+    stored = flatten(to_dict(load_config(path)))
     config = load_config(path, overrides)
+    changed = {key: (stored.get(key), value) for key, value in flatten(to_dict(config)).items()
+               if stored.get(key) != value and key not in RESUMABLE_KEYS}
+    if changed:
+        diff = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
+        raise ConfigError(f"--resume {run_dir}: these settings differ from the run's config.yaml and cannot change "
+                          f"mid-run: {diff}. Only {', '.join(RESUMABLE_KEYS)} may; start a new run for the rest")
     config.output.dir = str(run_dir)
     return config

@@ -84,6 +84,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"[{i}/{total}] {arm.label}, seed {seed}", flush=True)
             run_arm(args.config, overrides, arm, seed, out, force=args.force)
     except ConfigError as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"dgg bench: error: {err}", file=sys.stderr)
         return 2
     build_report(out)

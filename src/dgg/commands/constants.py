@@ -48,7 +48,16 @@ def pick_device(name: str):
     import torch
 
     if name != "auto":
-        return torch.device(name)
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise ValueError(f"--device {name!r} is not a device name (auto, cpu, cuda, cuda:1, mps, ...)") from None
+        available = {"cpu": True, "cuda": torch.cuda.is_available(),
+                     "mps": getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()}
+        if not available.get(device.type, False):
+            usable = ", ".join(["auto", *(kind for kind, ok in available.items() if ok)])
+            raise ValueError(f"--device {name!r}: this machine has no {device.type} device (usable here: {usable})")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
@@ -93,9 +102,9 @@ def task_prompts(name: str, count: int) -> list[str]:
 
 def load_model(path: str, dtype_name: str, device):
     import torch
-    from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from dgg.loading import load_causal_lm
     from dgg.tiny import load_tokenizer
 
     hf_logging.disable_progress_bar()
@@ -111,9 +120,9 @@ def load_model(path: str, dtype_name: str, device):
         raise ValueError(f"--model: model directory not found: {path}")
     try:
         tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype_name))
     except OSError as err:
-        raise ValueError(f"--model: could not load a causal LM from {path}: {err}") from None
+        raise ValueError(f"--model: could not load the tokenizer of {path}: {err}") from None
+    model = load_causal_lm(path, getattr(torch, dtype_name), field="--model")
     return tokenizer, model.to(device).eval()
 
 
@@ -186,6 +195,8 @@ def run(args) -> int:
                                             progress=lambda done, total: progress.update(bar, completed=done))
         elapsed = time.perf_counter() - start
     except ValueError as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"dgg constants: error: {err}", file=sys.stderr)
         return 2
     result = {

@@ -61,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"[2/3] run {i}/{total}: {arm.label}, seed {seed}")
             run_arm(args.config, overrides, arm, seed, out, force=args.force)
     except ConfigError as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"dgg demo: error: {err}", file=sys.stderr)
         return 2
     print("[3/3] report")

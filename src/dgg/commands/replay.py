@@ -48,6 +48,8 @@ def run(args: argparse.Namespace) -> int:
         rules = [make_rule(spec, settings) for spec in (args.rule or DEFAULT_RULES)]
         results = {rule.name: replay(records, rule) for rule in rules}
     except (FileNotFoundError, ValueError, RuleSignalMissing) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"dgg replay: error: {err}", file=sys.stderr)
         return 2
     if args.json:

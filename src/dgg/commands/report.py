@@ -16,6 +16,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         text = build_report(Path(args.directory))
     except (FileNotFoundError, ValueError) as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"dgg report: error: {err}", file=sys.stderr)
         return 2
     print(text)
@@ -76,14 +78,20 @@ def build_report(out: Path) -> str:
     """Write report.md, summary.json and figures for a benchmark directory; return the Markdown."""
     from dgg.analysis import SIGNAL_KEYS, degradation_onset, eval_points, signal_firings
     from dgg.config import load_config
+    from dgg.errors import UserError, read_json_file
     from dgg.experiments import Arm, aggregate, run_dir_for, summarise
     from dgg.plots import plot_accuracy, plot_signals
 
     spec_path = out / "experiment.json"
     if not spec_path.is_file():
         raise FileNotFoundError(f"{spec_path} does not exist: is {out} a `dgg bench` directory?")
-    spec = json.loads(spec_path.read_text())
-    planned = [Arm(a["name"], a["label"], tuple(a["overrides"]), a["baseline"]) for a in spec["arms"]]
+    spec = read_json_file(spec_path, "experiment file")
+    try:
+        planned = [Arm(a["name"], a["label"], tuple(a["overrides"]), a["baseline"]) for a in spec["arms"]]
+        spec["name"], spec["config"], spec["overrides"], list(spec["seeds"])
+    except (KeyError, TypeError) as err:
+        raise UserError(f"experiment file {spec_path} is not one `dgg bench` wrote (missing or malformed "
+                        f"{err}); rerun `dgg bench` to rewrite it") from None
 
     def done(arm, seed):
         return (run_dir_for(out, arm, seed) / "done.json").is_file()

@@ -43,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
             config = load_config(args.config, overrides)
         trainer = train(config, resume=args.resume)
     except ConfigError as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"dgg train: error: {err}", file=sys.stderr)
         return 2
     state = trainer.state

@@ -27,6 +27,8 @@ def run(args: argparse.Namespace) -> int:
         directory = warmstart(config, out_dir=args.out, progress=not args.quiet, force=args.force,
                               threads=TORCH_THREADS if args.threads is None else args.threads)
     except ValueError as err:
+        if getattr(args, "debug", False):
+            raise
         print(f"dgg warmstart: {err}", file=sys.stderr)
         return 2
     print(directory)

@@ -1,0 +1,27 @@
+"""The one kind of error a user can fix: a bad config value, a missing or malformed file, an unknown name.
+
+Every ``dgg`` command turns a :class:`UserError` (and an operating-system error such as a permission or a full
+disk) into one line that names the field or file, and exits 2; ``dgg --debug ...`` shows the traceback instead.
+Anything else is a bug and keeps its traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class UserError(ValueError):
+    """Something the user can fix; the message names the field, file or value and what is allowed."""
+
+
+def read_json_file(path: str | Path, what: str) -> object:
+    """A JSON file's content, or a UserError that names the file (missing, not UTF-8, or not JSON)."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{what} {path} does not exist") from None
+    except UnicodeDecodeError as err:
+        raise UserError(f"{what} {path} is not UTF-8 text (byte {err.start})") from None
+    except json.JSONDecodeError as err:
+        raise UserError(f"{what} {path} is not valid JSON ({err})") from None
