@@ -128,6 +128,13 @@ class TaskConfig:
     (seed, split, index)."""
     reward_timeout_s: float = 5.0
     """``safe_reward`` gives a completion reward 0 and ``info["error"] = "timeout"`` after this many seconds."""
+    reward: str | None = None
+    """Your own reward instead of the task's: ``"module:function"``, importable from the working directory or
+    installed, called as ``function(completion, answer, problem)`` and returning a float in [0, 1] or
+    ``(float, dict)`` (see ``dgg.rewards``). The task still supplies the problems."""
+    max_failed_batches: int = 3
+    """Stop the run when every reward of this many consecutive batches failed (0: never); the last checkpoint
+    is kept and ``reward_errors.jsonl`` says why."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -170,6 +177,13 @@ class TaskConfig:
             or not 0 < timeout < float("inf")
         ):
             raise UserError(f"TaskConfig.reward_timeout_s must be a finite number > 0 (got {timeout!r})")
+        if self.reward is not None:
+            from dgg.rewards import check_reward_spec
+
+            check_reward_spec(self.reward)
+        if isinstance(self.max_failed_batches, bool) or not isinstance(self.max_failed_batches, int) \
+                or self.max_failed_batches < 0:
+            raise UserError(f"TaskConfig.max_failed_batches must be an integer >= 0 (got {self.max_failed_batches!r})")
 
 
 def derive_seed(*parts: object) -> int:

@@ -32,6 +32,7 @@ from dgg.precision import autocast, machine_threads
 from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse_rules import AttemptSignals, DGGRule, Verdict, make_rule
+from dgg.rewards import CustomReward, scorable_task
 from dgg.rollout import RolloutBatch, completion_logprobs, sample_rollouts, score_old_policy
 from dgg.tasks import Problem, make_task, resolve_prompt_format, safe_reward
 from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
@@ -110,6 +111,10 @@ def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
 
 # --- run state and metrics -----------------------------------------------------------------------------------
 
+class RewardsFailing(ConfigError):
+    """Every reward failed for task.max_failed_batches batches in a row: the run stops, the user fixes it."""
+
+
 @dataclass
 class RunState:
     """Counters that define where a run is; saved in every checkpoint."""
@@ -122,6 +127,7 @@ class RunState:
     attempts: int = 0  # update attempts (applied + discarded + skipped)
     nonfinite_skips: int = 0
     reward_errors: int = 0
+    failed_reward_batches: int = 0  # consecutive batches on which every reward failed
     bound_violations: int = 0  # updates whose lm_head energy exceeded Theorem 2's bound
 
 
@@ -195,7 +201,9 @@ class GRPOTrainer:
         if task is None:  # "auto" prompts: the chat template when the tokenizer has one (saved resolved)
             config.task = resolve_prompt_format(config.task, bool(getattr(tokenizer, "chat_template", None)))
             task = make_task(config.task)
-        self.task = task
+            if config.task.reward:
+                task = CustomReward(task, config.task.reward)
+        self.task = scorable_task(task)
         self.chat = getattr(config.task, "prompt_format", "bare") == "chat"
         self.precision = config.train.precision
         # π_old is the policy before the batch's first update, so that update's own forward yields log π_old
@@ -309,10 +317,11 @@ class GRPOTrainer:
         return batch
 
     def _score_rewards(self, batch: RolloutBatch) -> None:
-        rewards = []
+        rewards, errors = [], []
         for problem, text in zip(batch.problems, batch.completions):
             reward, info = safe_reward(self.task, text, problem.answer, self.config.task.reward_timeout_s, problem)
             if "error" in info:
+                errors.append(info["error"])
                 self.state.reward_errors += 1
                 log.warning("reward failed (%s) on prompt %r, completion %r", info["error"], problem.prompt, text)
                 with open(self._reward_errors_path, "a", encoding="utf-8") as f:
@@ -320,9 +329,21 @@ class GRPOTrainer:
                                         "answer": problem.answer, "error": info["error"]}) + "\n")
             rewards.append(float(reward))
             batch.reward_infos.append(info)
+        self._check_rewards_alive(errors, len(rewards))
         batch.rewards = torch.tensor(rewards, device=self.device)
         batch.advantages = group_advantages(batch.rewards, self.config.rollout.group_size,
                                             self.config.loss.scale_advantages)
+
+    def _check_rewards_alive(self, errors: list[str], samples: int) -> None:
+        """A reward that fails on every sample teaches nothing: after task.max_failed_batches such batches in a
+        row, stop before anything is trained on them (the last checkpoint stays as it was)."""
+        self.state.failed_reward_batches = self.state.failed_reward_batches + 1 if len(errors) == samples else 0
+        limit = self.config.task.max_failed_batches
+        if limit and self.state.failed_reward_batches >= limit:
+            raise RewardsFailing(
+                f"every reward failed on {limit} batches in a row (task.max_failed_batches), last error: "
+                f"{errors[-1]}. Nothing was trained on them; {self._reward_errors_path} lists each failure. Fix "
+                f"the reward, then continue with --resume {self.run_dir} (its last checkpoint is kept)")
 
     # Algorithm 1, lines 3–12: for k = 1..K, update unless the gate says stop
     def reuse(self, batch: RolloutBatch) -> int:
