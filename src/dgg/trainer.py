@@ -90,8 +90,8 @@ def load_policy(config: ModelConfig, weights_from: str | None = None):
     source = str(local) if local.exists() else path
     try:
         tokenizer = load_tokenizer(source)
-    except OSError as err:
-        raise ConfigError(f"could not load the tokenizer of model.path {path!r}: {err}") from err
+    except (OSError, ValueError) as err:  # missing files, or a tokenizer.json that is not JSON
+        raise ConfigError(f"could not load the tokenizer of {path!r}: {type(err).__name__}: {err}") from None
     model = load_causal_lm(source, dtype, field="checkpoint" if weights_from else "model.path",
                            strict=config.strict_weights)
     if tokenizer.pad_token_id is None:

@@ -120,7 +120,7 @@ def load_model(path: str, dtype_name: str, device):
         raise ValueError(f"--model: model directory not found: {path}")
     try:
         tokenizer = load_tokenizer(path)
-    except OSError as err:
+    except (OSError, ValueError) as err:
         raise ValueError(f"--model: could not load the tokenizer of {path}: {err}") from None
     model = load_causal_lm(path, getattr(torch, dtype_name), field="--model")
     return tokenizer, model.to(device).eval()

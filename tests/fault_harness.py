@@ -1,0 +1,103 @@
+"""Kill -9 a `dgg train` run at random moments, resume it each time, and compare with a run left alone.
+
+Used by tests/test_faults.py (a few kills) and benchmarks/fault_injection.py (many, counted in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TIMING_KEYS = ("wall_time", "rollout/seconds", "rollout/scoring_seconds")
+
+
+def deterministic(records: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("perf/")} for r in records]
+
+
+def read_records(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def dgg_train(args: list[str]) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "dgg.cli", "train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@dataclass
+class KillReport:
+    kills: int = 0
+    resumes: int = 0
+    restarts_from_scratch: int = 0  # killed before any checkpoint existed
+    corrupt: list[str] = field(default_factory=list)  # anything that failed to load or compare
+    identical: bool = False
+
+
+def checkpoint_loads(run_dir: Path) -> bool:
+    import torch
+
+    state = run_dir / "checkpoint" / "trainer_state.pt"
+    if not state.is_file():
+        return not (run_dir / "checkpoint.old").exists() or (run_dir / "checkpoint.old" / "trainer_state.pt").is_file()
+    torch.load(state, weights_only=True)
+    from safetensors.torch import load_file
+
+    load_file(run_dir / "checkpoint" / "model.safetensors")
+    return True
+
+
+def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills: int, seed: int,
+                    window_s: tuple[float, float] = (1.0, 6.0), timeout_s: float = 600) -> KillReport:
+    """Start the run, kill -9 it ``kills`` times at random moments (resuming after each), let it finish, and
+    compare its metrics with the reference run's."""
+    rng = random.Random(seed)
+    report = KillReport()
+    deadline = time.monotonic() + timeout_s
+    for attempt in range(kills + 1):
+        if (run_dir / "config.yaml").is_file():
+            args = ["--resume", str(run_dir)]
+            if not (run_dir / "checkpoint").is_dir() and not (run_dir / "checkpoint.old").is_dir():
+                report.restarts_from_scratch += 1
+            report.resumes += 1
+        else:
+            args = [*train_args, "--output", str(run_dir), "--overwrite"]
+        process = dgg_train(args)
+        if attempt < kills:
+            try:
+                process.wait(timeout=rng.uniform(*window_s))
+            except subprocess.TimeoutExpired:
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                report.kills += 1
+                try:
+                    if not checkpoint_loads(run_dir):
+                        report.corrupt.append(f"kill {report.kills}: checkpoint.old without a state file")
+                except Exception as err:  # noqa: BLE001 - any failure to load is what we count
+                    report.corrupt.append(f"kill {report.kills}: {type(err).__name__}: {err}")
+                continue
+        else:
+            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        if process.returncode != 0:
+            report.corrupt.append(f"exit {process.returncode}: {process.stderr.read()[-500:]}")
+            return report
+        break  # it finished before the next kill came
+    same_metrics = deterministic(read_records(run_dir)) == deterministic(read_records(reference))
+    same_weights = final_weights(run_dir).keys() == final_weights(reference).keys() and all(
+        a.equal(b) for a, b in zip(final_weights(run_dir).values(), final_weights(reference).values()))
+    report.identical = same_metrics and same_weights
+    if not same_metrics:
+        report.corrupt.append("metrics differ from the uninterrupted run")
+    if not same_weights:
+        report.corrupt.append("final weights differ from the uninterrupted run")
+    return report
+
+
+def final_weights(run_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return dict(sorted(load_file(run_dir / "checkpoint" / "model.safetensors").items()))
