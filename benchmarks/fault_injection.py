@@ -2,8 +2,9 @@
 
     python benchmarks/fault_injection.py [--rounds 10] [--kills 5] [--out benchmarks/results/fault_injection.json]
 
-Each round trains a small random model (8 batches, DGG reuse K = 3, a checkpoint every batch) once without
-interruption, then again with ``--kills`` kill -9s at random moments, resuming after each (a run killed before
+Each round trains a small random model (30 batches, DGG reuse K = 3, a checkpoint every batch) once without
+interruption, then again with ``--kills`` kill -9s, each a random 0–1 s after the run last wrote a metrics line, resuming
+after each (a run killed before
 its first checkpoint starts again). After every kill the checkpoint on disk must load (weights and trainer state);
 at the end, metrics (timings aside) and final weights must be bit-identical to the uninterrupted run. Counts go
 to the JSON file and, by hand, to BENCHMARKS.md's reliability section.
@@ -26,7 +27,7 @@ from fault_harness import kill_and_resume  # noqa: E402
 
 RUN = ["rollout.prompts_per_batch=2", "rollout.group_size=4", "rollout.max_new_tokens=4", "eval.every=2",
        "eval.problems=2", "eval.samples=1", "output.progress=false", "optim.lr=1e-2", "reuse.mode=dgg",
-       "reuse.max_reuse=3", "train.threads=1", "train.max_batches=8", "train.checkpoint_every=1",
+       "reuse.max_reuse=3", "train.threads=1", "train.max_batches=30", "train.checkpoint_every=1",
        "task.test_size=4"]
 
 
@@ -59,7 +60,7 @@ def main() -> None:
             alone = scratch / f"alone{seed}"
             assert cli_main(["train", *base, f"train.seed={seed}", "--output", str(alone)]) == 0
             report = kill_and_resume([*base, f"train.seed={seed}"], scratch / f"killed{seed}", alone,
-                                     kills=args.kills, seed=seed, window_s=(1.5, 6.0))
+                                     kills=args.kills, seed=seed, max_delay_s=1.0)
             rounds.append(asdict(report))
             print(f"round {seed}: {report}", flush=True)
     total = {key: sum(r[key] for r in rounds) for key in ("kills", "resumes", "restarts_from_scratch")}

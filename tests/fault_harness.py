@@ -52,9 +52,10 @@ def checkpoint_loads(run_dir: Path) -> bool:
 
 
 def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills: int, seed: int,
-                    window_s: tuple[float, float] = (1.0, 6.0), timeout_s: float = 600) -> KillReport:
-    """Start the run, kill -9 it ``kills`` times at random moments (resuming after each), let it finish, and
-    compare its metrics with the reference run's."""
+                    max_delay_s: float = 1.0, timeout_s: float = 600) -> KillReport:
+    """Start the run, kill -9 it ``kills`` times (resuming after each), let it finish, and compare its metrics
+    and final weights with the reference run's. Each kill comes a random 0..max_delay_s after the run has written
+    a new metrics line, so it lands in training, evaluation or checkpointing rather than in start-up."""
     rng = random.Random(seed)
     report = KillReport()
     deadline = time.monotonic() + timeout_s
@@ -66,11 +67,15 @@ def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills
             report.resumes += 1
         else:
             args = [*train_args, "--output", str(run_dir), "--overwrite"]
+        metrics = run_dir / "metrics.jsonl"
+        size_at_start = metrics.stat().st_size if metrics.exists() else 0
         process = dgg_train(args)
         if attempt < kills:
-            try:
-                process.wait(timeout=rng.uniform(*window_s))
-            except subprocess.TimeoutExpired:
+            while process.poll() is None and time.monotonic() < deadline and not (
+                    metrics.exists() and metrics.stat().st_size > size_at_start):
+                time.sleep(0.02)
+            time.sleep(rng.uniform(0.0, max_delay_s))
+            if process.poll() is None:
                 process.send_signal(signal.SIGKILL)
                 process.wait()
                 report.kills += 1
@@ -80,8 +85,7 @@ def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills
                 except Exception as err:  # noqa: BLE001 - any failure to load is what we count
                     report.corrupt.append(f"kill {report.kills}: {type(err).__name__}: {err}")
                 continue
-        else:
-            process.wait(timeout=max(1.0, deadline - time.monotonic()))
+        process.wait(timeout=max(1.0, deadline - time.monotonic()))
         if process.returncode != 0:
             report.corrupt.append(f"exit {process.returncode}: {process.stderr.read()[-500:]}")
             return report

@@ -45,11 +45,12 @@ def optimizer_snapshot(trainer):
 
 
 def test_kill_9_at_random_moments_then_resume_equals_a_run_left_alone(tiny_model_dir, tmp_path):
-    args = ["--model", str(tiny_model_dir), *RUN, "train.max_batches=8", "train.checkpoint_every=1",
+    args = ["--model", str(tiny_model_dir), *RUN, "train.max_batches=12", "train.checkpoint_every=1",
             "task.test_size=4"]
     assert cli_main(["train", *args, "--output", str(tmp_path / "alone")]) == 0
-    report = kill_and_resume(args, tmp_path / "killed", tmp_path / "alone", kills=3, seed=0, window_s=(2.0, 5.0))
+    report = kill_and_resume(args, tmp_path / "killed", tmp_path / "alone", kills=3, seed=0, max_delay_s=0.5)
     assert report.corrupt == [] and report.identical, report
+    assert report.kills >= 1 and report.resumes >= 1, report  # kills landed after training began
 
 
 @pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EROFS])
@@ -177,3 +178,20 @@ def test_kill_harness_notices_a_difference(tiny_model_dir, tmp_path):
     assert not report.identical and "metrics differ from the uninterrupted run" in report.corrupt
     assert deterministic(read_records(tmp_path / "alone"))  # the reference has records at all
     shutil.rmtree(tmp_path / "other")
+
+
+def test_code_shipped_with_a_model_directory_never_runs(tiny_model_dir, tmp_path):
+    """trust_remote_code stays off: a config.json that points at a module of its own loads the built-in class."""
+    import json
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    marker = tmp_path / "pwned"
+    (model / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n"
+                                   "from transformers import Qwen2ForCausalLM\nclass Evil(Qwen2ForCausalLM): pass\n")
+    config = json.loads((model / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "evil.Evil", "AutoTokenizer": ["evil.Evil", None]}
+    (model / "config.json").write_text(json.dumps(config))
+    assert cli_main(["train", "--model", str(model), "--output", str(tmp_path / "run"), *RUN, "train.max_batches=1",
+                     "task.test_size=4"]) == 0
+    assert not marker.exists()
