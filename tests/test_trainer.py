@@ -371,3 +371,50 @@ def test_the_weight_profile_reports_the_sampled_lm_head_rows(tiny_model_dir, tmp
     expected = float((head.detach()[[3, 5]] - before[[3, 5]]).norm() / before[[3, 5]].norm())
     assert change["lm_head_sampled"] == pytest.approx(expected, rel=1e-5)
     assert "lm_head_sampled" not in profiler.measure()  # without sampled ids there is nothing to report
+
+
+ALGO_CHOICES = [*(f"algo.advantage={n}" for n in ("drgrpo", "rloo")), *(f"algo.loss={n}" for n in ("gspo", "cispo")),
+                *(f"algo.aggregation={n}" for n in ("seq-mean-token-mean", "group-mean-token-mean",
+                                                    "seq-mean-token-sum-norm")),
+                *(f"algo.token_credit={n}" for n in ("stapo", "eapo"))]
+
+
+@pytest.mark.parametrize("choice", [*ALGO_CHOICES, "loss.kl_coef=0.1 algo.kl_estimator=k1",
+                                    "loss.kl_coef=0.1 algo.kl_in=reward algo.kl_estimator=k2"])
+def test_dgg_trains_with_every_registered_objective(tiny_model_dir, tmp_path, choice):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=dgg", "reuse.max_reuse=2", "train.max_batches=2",
+                           "eval.every=0", "train.micro_batch_size=5", *choice.split())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    updates = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "update"]
+    assert updates and all(math.isfinite(r["actor/pg_loss"]) for r in updates)
+    assert any(r["actor/applied"] for r in updates) and all("gate/z" in r for r in updates)
+    assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
+    if "kl_in=reward" in choice:
+        assert not trainer.old_from_first_update  # the penalty needs π_old before the first update
+
+
+def test_one_update_changes_every_trainable_parameter(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=single", "optim.grad_clip=null")
+    batch = trainer.collect_rollouts()
+    assert batch.advantages.abs().max() > 0
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainer.update(batch, 1)
+    unchanged = [n for n, p in trainer.model.named_parameters() if p.requires_grad and torch.equal(p, before[n])]
+    assert unchanged == []
+
+
+@pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", "group-mean-token-mean"])
+def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, aggregation):
+    grads = []
+    for micro in ("null", "3"):
+        trainer = make_trainer(tiny_model_dir, tmp_path / micro, f"train.micro_batch_size={micro}",
+                               f"algo.aggregation={aggregation}", "eval.every=0")
+        batch = trainer.collect_rollouts()
+        batch.old_logprobs = None
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer._backward(batch)
+        grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    for name in grads[0]:
+        assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name

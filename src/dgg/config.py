@@ -83,7 +83,7 @@ class LossConfig:
     clip_eps_high: float | None = None
     """Upper clip (DAPO's clip-higher); None uses clip_eps."""
     scale_advantages: bool = True
-    """Divide advantages by the group's std (GRPO); False centres only (Dr. GRPO)."""
+    """Divide advantages by the group's std (GRPO); False centres only, the same as algo.advantage=drgrpo."""
     kl_coef: float = 0.0
     """Weight of the k3 KL to the initial (reference) model; 0 as in the paper's math runs."""
 
@@ -92,6 +92,50 @@ class LossConfig:
         _check(self.clip_eps_high is None or self.clip_eps_high > 0, "loss.clip_eps_high", "> 0 or null",
                self.clip_eps_high)
         _check(self.kl_coef >= 0, "loss.kl_coef", ">= 0", self.kl_coef)
+
+
+@dataclass
+class AlgoConfig:
+    """The objective, by registered name (``dgg.algos``); DGG gates whichever is chosen."""
+
+    advantage: str = "grpo"
+    """Advantage estimator: grpo (the paper's Eq. 1), drgrpo (mean-centred only), rloo (leave-one-out)."""
+    loss: str = "ppo_clip"
+    """Policy loss: ppo_clip (Eq. 1; with loss.clip_eps_high it is DAPO's clip-higher), gspo (sequence-level
+    ratio), cispo (clipped, stop-gradient importance weight)."""
+    aggregation: str = "token-mean"
+    """token-mean (the paper's 1/T; DAPO), seq-mean-token-mean (original GRPO; GSPO), group-mean-token-mean,
+    seq-mean-token-sum-norm (Dr. GRPO: token sums over rollout.max_new_tokens)."""
+    kl_estimator: str = "k3"
+    """Estimator of KL(π_θ‖π_ref) used when loss.kl_coef > 0: k1, k2 or k3."""
+    kl_in: str = "loss"
+    """Where the KL to the reference goes: ``loss`` (a penalty term, GRPO) or ``reward`` (subtracted from each
+    completion's reward before advantages, PPO-RLHF style; its estimate uses π_old)."""
+    token_credit: str = "none"
+    """none, stapo (silence rare spurious tokens of positive-advantage completions) or eapo (entropy-aware
+    scaling of token advantages); both are approximations of their papers (docs/algorithms.md)."""
+    seq_clip_eps: float = 3e-4
+    """gspo: the sequence ratio is clipped to [1 − seq_clip_eps, 1 + seq_clip_eps_high]."""
+    seq_clip_eps_high: float = 4e-4
+    """gspo: upper clip of the sequence ratio."""
+    stapo_max_prob: float = 0.01
+    """stapo: a token is spurious when its probability is below this..."""
+    stapo_max_entropy: float = 0.5
+    """stapo: ...at a position whose entropy (nats) is below this."""
+    eapo_alpha: float = 0.5
+    """eapo: strength of the entropy scaling, in [0, 1]."""
+
+    def __post_init__(self):
+        from dgg.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, KL_PLACES, POLICY_LOSSES, TOKEN_CREDIT
+
+        for registry, name in ((ADVANTAGES, self.advantage), (POLICY_LOSSES, self.loss),
+                               (AGGREGATIONS, self.aggregation), (KL_ESTIMATORS, self.kl_estimator),
+                               (TOKEN_CREDIT, self.token_credit)):
+            _check(name in registry, registry.field, f"one of {', '.join(registry.names())}", name)
+        _check(self.kl_in in KL_PLACES, "algo.kl_in", f"one of {', '.join(KL_PLACES)}", self.kl_in)
+        for name in ("seq_clip_eps", "seq_clip_eps_high", "stapo_max_prob", "stapo_max_entropy"):
+            _check(getattr(self, name) > 0, f"algo.{name}", "> 0", getattr(self, name))
+        _check(0 <= self.eapo_alpha <= 1, "algo.eapo_alpha", "in [0, 1]", self.eapo_alpha)
 
 
 @dataclass
@@ -279,6 +323,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     reuse: ReuseConfig = field(default_factory=ReuseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -439,3 +484,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 def save_config(config: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+
+
+def make_objective(config: Config):
+    """The :class:`dgg.algos.Objective` that ``config.algo`` and ``config.loss`` name."""
+    from dgg.algos import ClipSettings, CreditSettings, Objective
+
+    algo, loss = config.algo, config.loss
+    advantage = "drgrpo" if algo.advantage == "grpo" and not loss.scale_advantages else algo.advantage
+    return Objective(
+        advantage=advantage, loss=algo.loss, aggregation=algo.aggregation, kl_estimator=algo.kl_estimator,
+        kl_in=algo.kl_in, token_credit=algo.token_credit, kl_coef=loss.kl_coef,
+        clip=ClipSettings(loss.clip_eps, loss.clip_eps_high, algo.seq_clip_eps, algo.seq_clip_eps_high),
+        credit=CreditSettings(algo.stapo_max_prob, algo.stapo_max_entropy, algo.eapo_alpha))

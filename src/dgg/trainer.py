@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
-from dgg.config import Config, ConfigError, ModelConfig, flatten, load_config, save_config, to_dict
+from dgg.config import (Config, ConfigError, ModelConfig, flatten, load_config, make_objective, save_config,
+                        to_dict)
 from dgg.energy_split import EnergySplit
-from dgg.loss import clipped_surrogate_loss, group_advantages, reference_kl
+from dgg.loss import ratio_statistics
 from dgg.precision import autocast, machine_threads
 from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
@@ -208,7 +209,14 @@ class GRPOTrainer:
         self.precision = config.train.precision
         # π_old is the policy before the batch's first update, so that update's own forward yields log π_old
         # for free — unless mini-batches update in between, or dropout makes train and eval forwards differ.
-        self.old_from_first_update = config.reuse.mini_batches == 1 and not has_active_dropout(model)
+        self.objective = make_objective(config)
+        if config.algo.aggregation == "group-mean-token-mean" and config.reuse.mini_batches > 1:
+            raise ConfigError("algo.aggregation=group-mean-token-mean needs whole groups in each update, so "
+                              "reuse.mini_batches must be 1")
+        # The KL penalty in the reward is computed from π_old before the first update, so π_old is scored first.
+        kl_in_reward = config.loss.kl_coef > 0 and config.algo.kl_in == "reward"
+        self.old_from_first_update = config.reuse.mini_batches == 1 and not has_active_dropout(model) \
+            and not kl_in_reward
 
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas,
@@ -229,8 +237,9 @@ class GRPOTrainer:
         self._clock = time.perf_counter()
         head = model.get_output_embeddings()
         tied_total = config.reuse.tied == "total" and head.weight is model.get_input_embeddings().weight
-        # Theorem 2 bounds the policy-gradient loss alone, on the output projection's gradient.
-        self.check_theorem2 = config.profile.theorem2 and config.loss.kl_coef == 0 and not tied_total
+        # Theorem 2 bounds the paper's policy-gradient loss alone, on the output projection's gradient.
+        self.check_theorem2 = config.profile.theorem2 and config.loss.kl_coef == 0 and not tied_total \
+            and self.objective.is_papers_surrogate
         self._lm_head_bias = getattr(head, "bias", None) is not None
         self._theorem2_parts: list[dict] = []
         self._theorem2_seconds = 0.0
@@ -331,8 +340,11 @@ class GRPOTrainer:
             batch.reward_infos.append(info)
         self._check_rewards_alive(errors, len(rewards))
         batch.rewards = torch.tensor(rewards, device=self.device)
-        batch.advantages = group_advantages(batch.rewards, self.config.rollout.group_size,
-                                            self.config.loss.scale_advantages)
+        kl_penalty = None
+        if batch.reference_logprobs is not None and batch.old_logprobs is not None:
+            kl_penalty = self.objective.sequence_kl(batch.old_logprobs, batch.reference_logprobs,
+                                                    batch.completion_mask)
+        batch.advantages = self.objective.advantages(batch.rewards, self.config.rollout.group_size, kl_penalty)
 
     def _check_rewards_alive(self, errors: list[str], samples: int) -> None:
         """A reward that fails on every sample teaches nothing: after task.max_failed_batches such batches in a
@@ -415,18 +427,22 @@ class GRPOTrainer:
         """Loss of Eq. 1 over the batch's T active tokens, back-propagated in micro-batches."""
         cfg = self.config
         total_tokens = float(batch.completion_mask.sum().clamp(min=1.0))
+        # Aggregation weights come from the whole batch, so micro-batches add up to it exactly.
+        weights, norms = self.objective.token_weights(batch.completion_mask, cfg.rollout.group_size,
+                                                      cfg.rollout.max_new_tokens)
+        total_norm = float(norms.sum())
         size = cfg.train.micro_batch_size or batch.size
         first_pass = batch.old_logprobs is None  # π_θ = π_old here: this forward scores π_old
         every = cfg.profile.energy_split_every
         split = EnergySplit() if every and self.state.attempts % every == 0 and cfg.loss.kl_coef == 0 \
-            else None
-        need_logits = self.check_theorem2 or split is not None
+            and self.objective.is_papers_surrogate else None
+        need_logits = self.check_theorem2 or split is not None or self.objective.needs_entropy
         old_chunks = []
         loss_sum, sums = 0.0, {}
         for start in range(0, batch.size, size):
             rows = slice(start, start + size)
             mask = batch.completion_mask[rows]
-            weight = float(mask.sum()) / total_tokens  # this micro-batch's share of the 1/T average
+            share = float(norms[rows].sum()) / total_norm if total_norm else 0.0  # of the batch's aggregate
             with autocast(self.device, self.precision):
                 scored = completion_logprobs(self.model, batch.input_ids[rows], batch.attention_mask[rows],
                                              batch.prompt_length, cfg.rollout.temperature,
@@ -445,21 +461,25 @@ class GRPOTrainer:
                 self._theorem2_parts.append(self._theorem2_terms(batch, rows, hidden, logits, logprobs,
                                                                  old_logprobs))
                 self._theorem2_seconds += time.perf_counter() - theory_started
+            entropy = token_entropy(logits, cfg.rollout.temperature) if self.objective.needs_entropy else None
             del logits, hidden
-            loss, stats = clipped_surrogate_loss(logprobs, old_logprobs, batch.advantages[rows], mask,
-                                                 cfg.loss.clip_eps, cfg.loss.clip_eps_high)
-            if self.reference is not None:
-                kl = reference_kl(logprobs, batch.reference_logprobs[rows], mask)
-                loss = loss + cfg.loss.kl_coef * kl
-                stats["ref_kl"] = kl.detach()
+            loss, extras = self.objective.loss_of(
+                logprobs, old_logprobs, batch.advantages[rows], mask, weights[rows], norms[rows],
+                batch.reference_logprobs[rows] if self.reference is not None else None, entropy)
+            stats = {**ratio_statistics(logprobs.detach(), old_logprobs, batch.advantages[rows], mask,
+                                        cfg.loss.clip_eps, cfg.loss.clip_eps_high), **extras}
             if not torch.isfinite(loss):
                 return math.nan, {}
-            (loss * weight).backward()
-            loss_sum += float(loss.detach()) * weight
+            (loss * share).backward()
+            loss_sum += float(loss.detach()) * share
+            weight = float(mask.sum()) / total_tokens  # statistics stay means over the batch's active tokens
             for key, value in stats.items():
                 reduce_max = key == "ratio_max"
                 previous = sums.get(key, -math.inf if reduce_max else 0.0)
-                sums[key] = max(previous, float(value)) if reduce_max else previous + float(value) * weight
+                if reduce_max:
+                    sums[key] = max(previous, float(value))
+                else:  # counts add up; everything else is a mean over the batch's active tokens
+                    sums[key] = previous + float(value) * (1.0 if key == "silenced_tokens" else weight)
         if first_pass:
             batch.old_logprobs = torch.cat(old_chunks)
         if split is not None:
@@ -653,6 +673,13 @@ class GRPOTrainer:
 
 DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop",
                        "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+@torch.no_grad()
+def token_entropy(raw_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, R) entropy in nats of the sampling distribution (logits / temperature) at each completion position."""
+    logp = torch.log_softmax(raw_logits / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def has_active_dropout(model) -> bool:
