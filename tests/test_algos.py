@@ -7,8 +7,16 @@ import math
 import pytest
 import torch
 
-from dgg.algos import (ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, POLICY_LOSSES, TOKEN_CREDIT, ClipSettings,
-                       CreditSettings, Objective)
+from dgg.algos import (
+    ADVANTAGES,
+    AGGREGATIONS,
+    KL_ESTIMATORS,
+    POLICY_LOSSES,
+    TOKEN_CREDIT,
+    ClipSettings,
+    CreditSettings,
+    Objective,
+)
 from dgg.algos.aggregation import micro_loss
 from dgg.config import ConfigError, load_config, make_objective
 from dgg.errors import UserError

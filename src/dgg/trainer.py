@@ -25,8 +25,16 @@ from typing import Any
 
 import torch
 
-from dgg.config import (Config, ConfigError, ModelConfig, flatten, load_config, make_objective, save_config,
-                        to_dict)
+from dgg.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    flatten,
+    load_config,
+    make_objective,
+    save_config,
+    to_dict,
+)
 from dgg.energy_split import EnergySplit
 from dgg.loss import ratio_statistics
 from dgg.precision import autocast, machine_threads
