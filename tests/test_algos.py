@@ -34,7 +34,10 @@ def test_advantages_by_hand():
         assert torch.equal(ADVANTAGES[name](rewards, 4)[4:], torch.zeros(4)), name
 
 
-def _one_token(log_ratio: float, advantage: float, loss: str, settings=ClipSettings()):
+DEFAULT_CLIP = ClipSettings()
+
+
+def _one_token(log_ratio: float, advantage: float, loss: str, settings=DEFAULT_CLIP):
     logprobs = torch.tensor([[-1.0 + log_ratio]], requires_grad=True)
     value = POLICY_LOSSES[loss](logprobs, torch.tensor([[-1.0]]), torch.tensor([[advantage]]), torch.ones(1, 1),
                                 settings)
