@@ -2,7 +2,6 @@
 
 import json
 import math
-import sys
 
 import pytest
 import torch
@@ -265,12 +264,6 @@ def test_cli_reports_missing_model_and_prompts(tmp_path, capsys):
     assert "--prompts: file not found" in capsys.readouterr().err
     assert main(["constants", "--model", str(tmp_path)]) == 2
     assert "exactly one of --prompts" in capsys.readouterr().err
-
-
-def test_cli_task_without_dgg_tasks_is_a_clear_error(model_dir, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "dgg.tasks", None)  # makes the import fail
-    assert main(["constants", "--model", str(model_dir), "--task", "arithmetic"]) == 2
-    assert "--task needs dgg.tasks" in capsys.readouterr().err
 
 
 # --- C_struct trajectory (Fig. 6) ------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from dgg.errors import UserError
-from dgg.gate import HISTORY_MODES
+from dgg.gate import check_gate_settings
 from dgg.precision import PRECISIONS
 from dgg.reuse_rules import KL_ESTIMATORS, RuleSettings, parse_rule_names
 from dgg.tasks import TaskConfig
@@ -195,9 +195,10 @@ class ReuseConfig:
     def __post_init__(self):
         _check(self.mode in REUSE_MODES, "reuse.mode", f"one of {REUSE_MODES}", self.mode)
         _check(self.max_reuse >= 1, "reuse.max_reuse", "an integer >= 1", self.max_reuse)
-        _check(not math.isnan(self.tau), "reuse.tau", "a number (inf allowed)", self.tau)
-        _check(self.window >= 2, "reuse.window", "an integer >= 2", self.window)
-        _check(self.history in HISTORY_MODES, "reuse.history", f"one of {HISTORY_MODES}", self.history)
+        try:
+            check_gate_settings(self.tau, self.window, self.history, prefix="reuse.")
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
         _check(self.mini_batches >= 1, "reuse.mini_batches", "an integer >= 1", self.mini_batches)
         _check(self.tied in ("output", "total"), "reuse.tied", "output or total", self.tied)
         if self.rule is not None:

@@ -14,6 +14,17 @@ from typing import Any
 HISTORY_MODES = ("all", "reuse")
 
 
+def check_gate_settings(tau, window, history, prefix: str = "") -> None:
+    """The one check of the gate's settings, for the gate itself, dgg's config (``prefix="reuse."``) and the TRL
+    config (``prefix="dgg_"``): a ValueError that names the field as the caller spells it."""
+    if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or tau == -math.inf:
+        raise ValueError(f"{prefix}tau must be a real number or +inf (got {tau!r})")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"{prefix}window must be an integer >= 2 (got {window!r})")
+    if history not in HISTORY_MODES:
+        raise ValueError(f"{prefix}history must be one of {HISTORY_MODES} (got {history!r})")
+
+
 @dataclass(frozen=True)
 class GateDecision:
     """What the gate concluded about one update attempt.
@@ -56,14 +67,9 @@ class GradientGate:
     """
 
     def __init__(self, tau: float = 0.5, window: int = 20, eps: float = 1e-8, history: str = "all"):
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or tau == -math.inf:
-            raise ValueError(f"tau must be a real number or +inf (got {tau!r})")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:
-            raise ValueError(f"window must be an integer >= 2 (got {window!r})")
+        check_gate_settings(tau, window, history)
         if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
             raise ValueError(f"eps must be a finite number > 0 (got {eps!r})")
-        if history not in HISTORY_MODES:
-            raise ValueError(f"history must be one of {HISTORY_MODES} (got {history!r})")
         self.tau = float(tau)
         self.window = window
         self.eps = float(eps)

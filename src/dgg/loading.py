@@ -1,8 +1,15 @@
-"""Loading a Hugging Face causal LM so that nothing is silently random: every weight the model expects must come
-from the checkpoint, and every weight in the checkpoint must land in the model."""
+"""Models and devices: which directory a ``model.path`` means (``default``, a named real model, a path or a hub
+name), the device it goes on, and loading it so that nothing is silently random: every weight the model
+expects must come from the checkpoint, and every weight in the checkpoint must land in the model."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
+import torch
+
+from dgg.config import ConfigError, ModelConfig
 from dgg.errors import UserError
 
 
@@ -31,3 +38,58 @@ def load_causal_lm(path: str, dtype, field: str = "model.path", strict: bool = T
                         f"names: {detail}. Check model_type in config.json; to train with the unmatched parameters "
                         "randomly initialised anyway, set model.strict_weights=false")
     return model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"model.device is {name!r} but no CUDA device is available; use auto or cpu")
+    return torch.device(name)
+
+
+def resolve_model_path(path: str) -> str:
+    """``default`` -> the embedded warm-started tiny model (built on first use); a named model such as
+    ``smollm2-135m-instruct`` -> its converted directory (fetched on first use); else the path as given."""
+    from dgg import models
+
+    if path in models.MODELS:
+        try:
+            return str(models.fetch(path))
+        except models.ModelFetchError as err:
+            raise ConfigError(f"model.path {path!r}: {err}") from err
+    if path != "default":
+        return path
+    from dgg.warmstart import warmstart
+
+    return str(warmstart())
+
+
+def load_policy(config: ModelConfig, weights_from: str | None = None):
+    """Load (model, tokenizer) from a local directory or hub name, with a message that names the field."""
+    from transformers.utils import logging as hf_logging
+
+    from dgg.loading import load_causal_lm
+    from dgg.tiny import load_tokenizer
+
+    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
+
+    path = weights_from or resolve_model_path(config.path)
+    local = Path(path).expanduser()
+    if not local.exists() and (path.startswith((".", "/", "~")) or os.sep in path and path.count("/") != 1):
+        raise ConfigError(f"model.path {path!r} does not exist (expected a Hugging Face model directory, "
+                          "a hub name like Qwen/Qwen2.5-0.5B-Instruct, or 'default')")
+    if local.exists() and not (local / "config.json").is_file():
+        raise ConfigError(f"model.path {path!r} is not a Hugging Face model directory (no config.json)")
+    dtype = getattr(torch, config.dtype)
+    source = str(local) if local.exists() else path
+    try:
+        tokenizer = load_tokenizer(source)
+    except (OSError, ValueError) as err:  # missing files, or a tokenizer.json that is not JSON
+        raise ConfigError(f"could not load the tokenizer of {path!r}: {type(err).__name__}: {err}") from None
+    model = load_causal_lm(source, dtype, field="checkpoint" if weights_from else "model.path",
+                           strict=config.strict_weights)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
+    return model.to(resolve_device(config.device)), tokenizer

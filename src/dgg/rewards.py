@@ -93,9 +93,9 @@ class InProcessReward:
         return self.task.split_size(split)
 
     def reward(self, completion, answer, problem=None):
-        from dgg.tasks import _call_reward
+        from dgg.tasks.sandbox import call_reward
 
-        return _call_reward(self.task, completion, answer, problem)
+        return call_reward(self.task, completion, answer, problem)
 
 
 def spawnable(task) -> bool:

@@ -1,11 +1,13 @@
 """The reference GRPO trainer with sample reuse: single-use, fixed-K and DGG (paper Algorithm 1).
 
 Read :meth:`GRPOTrainer.train`, :meth:`GRPOTrainer.reuse` and :meth:`GRPOTrainer.update` top to bottom:
-they are Algorithm 1's lines 1–12. Everything numeric lives in small modules: ``loss`` (Eq. 1),
-``rollout`` (sampling, log-probs), ``gate`` (Eq. 8), ``probe`` (g_t), ``profiler`` (Fig. 1).
+they are Algorithm 1's lines 1–12. Everything numeric lives in small modules: ``algos`` (advantages and the
+loss), ``rollout`` (sampling, log-probs), ``reuse_rules`` and ``gate`` (Eq. 8), ``probe`` (g_t), ``profiler``
+(Fig. 1); ``loading`` loads models, ``run_io`` keeps run state, metrics and checkpoints.
 
-Over 450 lines for now: the trainer still holds run I/O (metrics, checkpoints) and model loading beside
-Algorithm 1; issue 12 moves them into their own modules.
+Over 450 lines: the update step also feeds the diagnostics the paper's figures need (Theorem 2's live bound,
+the energy split, weight profiles), and they read the same forward; moving them out would mean passing the
+forward's tensors around more than it would simplify.
 """
 
 from __future__ import annotations
@@ -14,28 +16,21 @@ import copy
 import json
 import logging
 import math
-import os
-import pickle
 import random
-import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from dgg.config import (
     Config,
     ConfigError,
-    ModelConfig,
-    flatten,
-    load_config,
     make_objective,
     save_config,
-    to_dict,
 )
 from dgg.energy_split import EnergySplit
+from dgg.loading import load_policy, resolve_device, resolve_model_path  # noqa: F401 (re-exported)
 from dgg.loss import ratio_statistics
 from dgg.precision import autocast, machine_threads
 from dgg.probe import LMHeadGradProbe
@@ -43,71 +38,22 @@ from dgg.profiler import WeightChangeProfiler
 from dgg.reuse_rules import AttemptSignals, DGGRule, Verdict, make_rule
 from dgg.rewards import CustomReward, scorable_task
 from dgg.rollout import RolloutBatch, completion_logprobs, sample_rollouts, score_old_policy
+from dgg.run_io import (  # noqa: F401 (load_run_config and the constants are re-exported)
+    CHECKPOINT,
+    STATE_FILE,
+    MetricsWriter,
+    RunState,
+    find_checkpoint,
+    load_run_config,
+    prepare_fresh_run_dir,
+    read_trainer_state,
+    truncate_to,
+    write_checkpoint,
+)
 from dgg.tasks import Problem, make_task, resolve_prompt_format, safe_reward
 from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
 
 log = logging.getLogger("dgg.trainer")
-
-CHECKPOINT = "checkpoint"
-STATE_FILE = "trainer_state.pt"
-
-
-# --- model loading -------------------------------------------------------------------------------------------
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"model.device is {name!r} but no CUDA device is available; use auto or cpu")
-    return torch.device(name)
-
-
-def resolve_model_path(path: str) -> str:
-    """``default`` -> the embedded warm-started tiny model (built on first use); a named model such as
-    ``smollm2-135m-instruct`` -> its converted directory (fetched on first use); else the path as given."""
-    from dgg import models
-
-    if path in models.MODELS:
-        try:
-            return str(models.fetch(path))
-        except models.ModelFetchError as err:
-            raise ConfigError(f"model.path {path!r}: {err}") from err
-    if path != "default":
-        return path
-    from dgg.warmstart import WarmstartConfig, warmstart
-
-    return str(warmstart(WarmstartConfig()))
-
-
-def load_policy(config: ModelConfig, weights_from: str | None = None):
-    """Load (model, tokenizer) from a local directory or hub name, with a message that names the field."""
-    from transformers.utils import logging as hf_logging
-
-    from dgg.loading import load_causal_lm
-    from dgg.tiny import load_tokenizer
-
-    hf_logging.disable_progress_bar()  # our own progress bar is the one to watch
-
-    path = weights_from or resolve_model_path(config.path)
-    local = Path(path).expanduser()
-    if not local.exists() and (path.startswith((".", "/", "~")) or os.sep in path and path.count("/") != 1):
-        raise ConfigError(f"model.path {path!r} does not exist (expected a Hugging Face model directory, "
-                          "a hub name like Qwen/Qwen2.5-0.5B-Instruct, or 'default')")
-    if local.exists() and not (local / "config.json").is_file():
-        raise ConfigError(f"model.path {path!r} is not a Hugging Face model directory (no config.json)")
-    dtype = getattr(torch, config.dtype)
-    source = str(local) if local.exists() else path
-    try:
-        tokenizer = load_tokenizer(source)
-    except (OSError, ValueError) as err:  # missing files, or a tokenizer.json that is not JSON
-        raise ConfigError(f"could not load the tokenizer of {path!r}: {type(err).__name__}: {err}") from None
-    model = load_causal_lm(source, dtype, field="checkpoint" if weights_from else "model.path",
-                           strict=config.strict_weights)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    tokenizer.padding_side = "left"
-    return model.to(resolve_device(config.device)), tokenizer
-
 
 def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
     """Apply the tokenizer's chat template when the task asks for it."""
@@ -118,73 +64,14 @@ def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
     return Problem(prompt=text, answer=problem.answer, meta=problem.meta)
 
 
-# --- run state and metrics -----------------------------------------------------------------------------------
-
-class RewardsFailing(ConfigError):
-    """Every reward failed for task.max_failed_batches batches in a row: the run stops, the user fixes it."""
-
-
-@dataclass
-class RunState:
-    """Counters that define where a run is; saved in every checkpoint."""
-
-    batch: int = 0  # rollout batches completed
-    data_position: int = 0  # next training-problem index
-    rollouts: int = 0  # cumulative sampled completions (training only)
-    wall_time: float = 0.0  # training seconds, evaluation and checkpointing excluded
-    updates: int = 0  # optimizer steps applied
-    attempts: int = 0  # update attempts (applied + discarded + skipped)
-    nonfinite_skips: int = 0
-    reward_errors: int = 0
-    failed_reward_batches: int = 0  # consecutive batches on which every reward failed
-    bound_violations: int = 0  # updates whose lm_head energy exceeded Theorem 2's bound
-
-
-class MetricsWriter:
-    """Appends one JSON object per line to metrics.jsonl; every line carries kind, batch, rollouts, wall_time."""
-
-    def __init__(self, path: Path, tensorboard_dir: Path | None = None):
-        self.path = path
-        self._file = open(path, "a", encoding="utf-8")
-        self._tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError as err:
-                raise ConfigError("output.tensorboard needs TensorBoard: pip install dgg[tensorboard]") from err
-            self._tb = SummaryWriter(str(tensorboard_dir))
-
-    def write(self, kind: str, state: RunState, values: dict[str, Any]) -> None:
-        record = {"kind": kind, "batch": state.batch, "rollouts": state.rollouts,
-                  "wall_time": round(state.wall_time, 6), **values}
-        if self._file.closed:  # the trainer is used again after train() returned
-            self._file = open(self.path, "a", encoding="utf-8")
-        self._file.write(json.dumps(record, default=_json_default) + "\n")
-        self._file.flush()
-        if self._tb is not None:
-            step = state.updates if kind == "update" else state.rollouts
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and "/" in key:
-                    self._tb.add_scalar(key, value, step)
-
-    def offset(self) -> int:
-        self._file.flush()
-        return self._file.tell()
-
-    def close(self) -> None:
-        self._file.close()
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.item()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
+# --- the run stops when rewards keep failing ----------------------------------------------------------------
 
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+class RewardsFailing(ConfigError):
+    """Every reward failed for task.max_failed_batches batches in a row: the run stops, the user fixes it."""
 
 
 # --- the trainer ---------------------------------------------------------------------------------------------
@@ -621,13 +508,7 @@ class GRPOTrainer:
     # --- checkpoints: written to a temporary directory, then renamed, so the last good one survives a crash ---
     def save_checkpoint(self) -> Path:
         self._tick()
-        final = self.run_dir / CHECKPOINT
-        tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.model.save_pretrained(tmp, safe_serialization=True)
-        self.tokenizer.save_pretrained(tmp)
-        torch.save({
+        final = write_checkpoint(self.run_dir, self.model, self.tokenizer, {
             "state": asdict(self.state),
             "optimizer": self.optimizer.state_dict(),
             "gate": self.gate.state_dict(),
@@ -640,22 +521,13 @@ class GRPOTrainer:
             "metrics_offset": self.metrics.offset(),
             "reward_errors_offset": self._reward_errors_path.stat().st_size if self._reward_errors_path.exists()
             else 0,
-        }, tmp / STATE_FILE)
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        })
         self._last_checkpoint_time, self._last_checkpoint_batch = time.monotonic(), self.state.batch
         self._clock = time.perf_counter()
         return final
 
     def _load_checkpoint(self, directory: Path, metrics_path: Path) -> None:
-        try:  # tensors, numbers, strings and containers only: a crafted state file cannot run code here
-            saved = torch.load(directory / STATE_FILE, map_location=self.device, weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError) as err:
-            raise ConfigError(f"{directory / STATE_FILE} is not a dgg trainer state that can be loaded safely "
-                              f"({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        saved = read_trainer_state(directory, self.device)
         self.state = RunState(**saved["state"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if "reuse_rule" in saved:
@@ -671,11 +543,8 @@ class GRPOTrainer:
         if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         # Lines written after the checkpoint belong to work that is being redone (a torn last line included).
-        for path, offset in ((metrics_path, saved["metrics_offset"]),
-                             (self._reward_errors_path, saved.get("reward_errors_offset"))):
-            if offset is not None and path.exists():
-                with open(path, "r+b") as f:
-                    f.truncate(offset)
+        truncate_to(metrics_path, saved["metrics_offset"])
+        truncate_to(self._reward_errors_path, saved.get("reward_errors_offset"))
         self._last_checkpoint_batch = self.state.batch
 
 
@@ -712,37 +581,6 @@ def _progress_bar(total: int, initial: int, enabled: bool):
     return tqdm(total=total, initial=initial, desc="batches", unit="batch", disable=not enabled, dynamic_ncols=True)
 
 
-RUN_FILES = ("metrics.jsonl", "config.yaml", CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp",
-             "reward_errors.jsonl", "tensorboard", "done.json")
-
-
-def prepare_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:
-    """Refuse to start a fresh run where one already lives, unless asked to replace it (then clear it)."""
-    existing = [name for name in RUN_FILES if (run_dir / name).exists()]
-    if not existing:
-        return
-    if not overwrite:
-        raise ConfigError(f"output.dir {run_dir} already holds a run ({', '.join(existing)}); continue it with "
-                          f"--resume {run_dir}, replace it with --overwrite (output.overwrite=true), or choose "
-                          "another --output")
-    for name in existing:
-        path = run_dir / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-
-
-def find_checkpoint(run_dir: Path) -> Path | None:
-    """The run directory if it holds a checkpoint; None if the run died before its first one (config.yaml only);
-    else a clear error."""
-    if (run_dir / CHECKPOINT / STATE_FILE).is_file():
-        return run_dir
-    if (run_dir / (CHECKPOINT + ".old") / STATE_FILE).is_file():  # crashed between the two renames
-        (run_dir / (CHECKPOINT + ".old")).rename(run_dir / CHECKPOINT)
-        return run_dir
-    if (run_dir / "config.yaml").is_file():
-        return None
-    raise ConfigError(f"--resume {run_dir}: no checkpoint found (expected {run_dir / CHECKPOINT / STATE_FILE})")
-
-
 def train(config: Config, resume: str | Path | None = None) -> GRPOTrainer:
     """Build a trainer (fresh or resumed) and run it; returns the finished trainer."""
     resume_from = None
@@ -757,24 +595,3 @@ def train(config: Config, resume: str | Path | None = None) -> GRPOTrainer:
     return trainer
 
 
-# What an override may change when a run is resumed: how long it runs and how it reports, never what it computes.
-RESUMABLE_KEYS = ("train.max_batches", "train.threads", "train.checkpoint_every", "train.checkpoint_minutes",
-                  "output.progress", "output.tensorboard", "output.dir", "output.overwrite")
-
-
-def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """The resolved config a run was started with (for --resume), plus overrides of :data:`RESUMABLE_KEYS`;
-    any other change is refused with the difference, since it would splice two different runs together."""
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--resume {run_dir}: no config.yaml in that directory")
-    stored = flatten(to_dict(load_config(path)))
-    config = load_config(path, overrides)
-    changed = {key: (stored.get(key), value) for key, value in flatten(to_dict(config)).items()
-               if stored.get(key) != value and key not in RESUMABLE_KEYS}
-    if changed:
-        diff = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in changed.items())
-        raise ConfigError(f"--resume {run_dir}: these settings differ from the run's config.yaml and cannot change "
-                          f"mid-run: {diff}. Only {', '.join(RESUMABLE_KEYS)} may; start a new run for the rest")
-    config.output.dir = str(run_dir)
-    return config

@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides)
         if config.model.path == "default":
-            from dgg.warmstart import WarmstartConfig, warmstart
+            from dgg.warmstart import warmstart
 
-            overrides.append(f"model.path={warmstart(WarmstartConfig())}")
+            overrides.append(f"model.path={warmstart()}")
         arms = EXPERIMENTS[args.name](config)
         selected = select_arms(arms, args.arms)
         if selected is None:

@@ -92,10 +92,8 @@ def read_prompts(path: str) -> list[str]:
 
 
 def task_prompts(name: str, count: int) -> list[str]:
-    try:
-        from dgg.tasks import TaskConfig, make_task
-    except ImportError:
-        raise ValueError("--task needs dgg.tasks, which this installation does not have; use --prompts") from None
+    from dgg.tasks import TaskConfig, make_task
+
     task = make_task(TaskConfig(name=name))
     return [task.problem("test", index).prompt for index in range(count)]
 

@@ -48,10 +48,10 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.config, overrides)
         if config.model.path == "default":
-            from dgg.warmstart import WarmstartConfig, warmstart
+            from dgg.warmstart import warmstart
 
             print("[1/3] embedded default model: warm-start (cached after the first run)")
-            model_dir = warmstart(WarmstartConfig())
+            model_dir = warmstart()
             print(f"      model: {model_dir}")
             overrides.append(f"model.path={model_dir}")
         arms = reuse_arms(config.reuse.max_reuse, config.reuse.tau, with_reuse_window=not args.paper_only)

@@ -38,7 +38,7 @@ except ImportError as error:  # trl is an optional extra
 
 from accelerate.utils import DistributedType, broadcast
 
-from dgg.gate import HISTORY_MODES, GradientGate
+from dgg.gate import GradientGate, check_gate_settings
 from dgg.loss import ratio_statistics
 from dgg.reuse_rules import KL_ESTIMATORS, AttemptSignals, RuleSettings, Verdict, make_rule, parse_rule_names
 
@@ -144,13 +144,7 @@ class DGGGRPOConfig(GRPOConfig):
         super().__post_init__()  # derives steps_per_generation, which the check below needs
         if not isinstance(self.dgg_enabled, bool):
             raise ValueError(f"dgg_enabled must be True or False (got {self.dgg_enabled!r})")
-        tau = self.dgg_tau
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or math.isnan(tau) or tau == -math.inf:
-            raise ValueError(f"dgg_tau must be a real number or +inf (got {tau!r})")
-        if isinstance(self.dgg_window, bool) or not isinstance(self.dgg_window, int) or self.dgg_window < 2:
-            raise ValueError(f"dgg_window must be an integer >= 2 (got {self.dgg_window!r})")
-        if self.dgg_history not in HISTORY_MODES:
-            raise ValueError(f"dgg_history must be one of {HISTORY_MODES} (got {self.dgg_history!r})")
+        check_gate_settings(self.dgg_tau, self.dgg_window, self.dgg_history, prefix="dgg_")
         _validate_tied(self.dgg_tied)
         parse_rule_names(self.dgg_rule)  # raises, listing the valid names
         if self.dgg_kl_estimator not in KL_ESTIMATORS:
