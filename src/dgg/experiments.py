@@ -163,7 +163,8 @@ def experiment_reuse_rules(config) -> list[Arm]:
     """Issue "Reuse rules side by side": the paper's gate against the early stops PPO users know, on the same
     runs. Every rule gets three settings; single-use also runs at 2× and 4× the lr, since K reused updates move
     the weights much as one update at a higher lr would. KL targets: SB3's usual 0.02 and two from the
-    config (``reuse.target_kl`` and 4× it), which should be set from the KL naive reuse reaches at k = 2..K.
+    config (``reuse.target_kl`` and 4× it), which should be set from the KL naive reuse reaches at k = 2..K;
+    naive reuse also runs at 1/K of the lr.
     Arms are ordered so that a sweep cut short has the most telling ones first."""
     lr, k, tau = config.optim.lr, config.reuse.max_reuse, config.reuse.tau
     reuse = ("reuse.mode=dgg", f"reuse.max_reuse={k}")
@@ -192,7 +193,11 @@ def experiment_reuse_rules(config) -> list[Arm]:
     rest = [*(dgg(t) for t in (0.1, 0.5, 1.0) if t != tau),
             *(Arm(f"clip_{t:g}", f"clip stop (> {t:g} clipped)", (*reuse, "reuse.rule=clip", f"reuse.target_clip={t}"))
               for t in (0.1, 0.2, 0.3)),
-            nosignal(1e-4), nosignal(1e-2)]
+            nosignal(1e-4), nosignal(1e-2),
+            # The converse of single-use at 2× and 4× the lr: K reused updates at 1/K of the lr move the weights
+            # about as far per batch as one update, so any gain is what reuse extracts from the same rollouts.
+            Arm(f"fixed_k{k}_lrx{1 / k:g}", f"GRPO w/ Naive Reuse (K={k}), lr/{k}",
+                ("reuse.mode=fixed", f"reuse.max_reuse={k}", f"optim.lr={lr / k:g}"))]
     return first + rest
 
 
