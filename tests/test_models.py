@@ -166,3 +166,15 @@ def test_constants_accepts_a_named_model(offline, tmp_path):
     assert cli_main(["constants", "--model", offline.name, "--task", "chain_sum", "--texts", "2", "--tokens", "4",
                      "--json", str(out)]) == 0
     assert json.loads(out.read_text())
+
+
+def test_every_named_model_has_loadable_configs_and_a_short_demo():
+    from dgg.config import load_config, to_dict
+
+    for model in models.MODELS.values():
+        full, demo = load_config(model.config), load_config(model.demo_config)
+        assert full.model.path == demo.model.path == model.name
+        assert demo.train.max_batches <= 12 and demo.eval.every >= 1  # the ~30-minute story on a 2-core CPU
+        # the demo is the full setting cut short: same task, sampling, optimiser and reuse
+        for section in ("task", "rollout", "optim", "reuse"):
+            assert to_dict(getattr(full, section)) == to_dict(getattr(demo, section)), section

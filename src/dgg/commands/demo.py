@@ -12,10 +12,10 @@ from pathlib import Path
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-c", "--config", default=None,
-                        help="YAML config or bundled name (default: demo, or the named model's own config)")
+                        help="YAML config or bundled name (default: demo, or the named model's demo config)")
     parser.add_argument("--model", default=None,
                         help="a named real model (see `dgg model list`), e.g. smollm2-135m-instruct: the story "
-                             "on a pretrained LM, with that model's bundled config unless -c is given")
+                             "on a pretrained LM, with that model's demo config (10 batches) unless -c is given")
     parser.add_argument("--seeds", type=int, default=1, help="seeds per arm (default 1; the goal is stated on 3)")
     parser.add_argument("--out", default=None, help="output directory (default runs/demo, or runs/demo-MODEL)")
     parser.add_argument("--force", action="store_true", help="re-run arms that already finished")
@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"dgg demo: error: --model {args.model!r} is not a named model; named models: "
                   f"{', '.join(sorted(models.MODELS))}", file=sys.stderr)
             return 2
-        args.config = args.config or models.MODELS[args.model].config
+        args.config = args.config or models.MODELS[args.model].demo_config
         overrides.insert(0, f"model.path={args.model}")
     args.config = args.config or "demo"
     out = Path(args.out or (f"runs/demo-{args.model}" if args.model else "runs/demo"))
