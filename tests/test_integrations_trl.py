@@ -25,6 +25,7 @@ from dgg.integrations.trl import (  # noqa: E402
     _refuse_unsupported_distribution,
     next_generation_boundary,
     reuse_index_of_step,
+    skip_scaled_optimizer_step,
 )
 from trl_setup import addition_prompts, digit_fraction_reward, save_tiny_model, tiny_config_kwargs  # noqa: E402
 
@@ -124,12 +125,65 @@ def test_trainer_needs_a_dgg_config(tiny_model_dir, tmp_path):
         make_trainer(DGGGRPOTrainer, GRPOConfig, tiny_model_dir, tmp_path)
 
 
-def test_deepspeed_is_refused_and_fsdp_warns():
+def test_deepspeed_and_fsdp1_are_refused_and_fsdp2_warns():
     with pytest.raises(ValueError, match="DeepSpeed"):
         _refuse_unsupported_distribution(DistributedType.DEEPSPEED)
+    with pytest.raises(ValueError, match="FSDP version 1.*local shard"):
+        _refuse_unsupported_distribution(DistributedType.FSDP, fsdp_version=1)
     with pytest.warns(UserWarning, match="untested"):
-        _refuse_unsupported_distribution(DistributedType.FSDP)
+        _refuse_unsupported_distribution(DistributedType.FSDP, fsdp_version=2)
     _refuse_unsupported_distribution(DistributedType.MULTI_CPU)  # DDP: supported, silent
+
+
+def _scaled_step(optimizer, scaler, model, discard: bool) -> None:
+    """One fp16-style optimizer step as transformers.Trainer + accelerate run it: scaled backward, unscale_ for
+    gradient clipping, then AcceleratedOptimizer.step (scaler.step + scaler.update)."""
+    scaler.scale(model(torch.ones(1, 4)).sum()).backward()
+    if discard:
+        model.zero_grad(set_to_none=True)  # what a DGG discard does
+        skip_scaled_optimizer_step(optimizer, scaler)
+    scaler.unscale_(optimizer.optimizer)  # accelerator.clip_grad_norm_ -> unscale_gradients
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def test_a_discard_under_fp16_loss_scaling_skips_the_step_without_crashing():
+    from accelerate import Accelerator
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    Accelerator(cpu=True)  # the state AcceleratedOptimizer reads
+    model = torch.nn.Linear(4, 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    optimizer = AcceleratedOptimizer(torch.optim.AdamW(model.parameters(), lr=0.1), scaler=scaler)
+    # the crash being fixed: every grad None, and GradScaler.step finds no inf check
+    scaler.scale(model(torch.ones(1, 4)).sum()).backward()
+    model.zero_grad(set_to_none=True)
+    scaler.unscale_(optimizer.optimizer)
+    with pytest.raises(AssertionError, match="No inf checks"):
+        optimizer.step()
+    scaler.update(new_scale=1024.0)  # end the broken iteration before the real test
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _scaled_step(optimizer, scaler, model, discard=True)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert optimizer.optimizer.state == {} and scaler.get_scale() == 1024.0  # AdamW untouched, scale kept
+    _scaled_step(optimizer, scaler, model, discard=False)  # the next step is a normal one again
+    assert not torch.equal(model.weight, before["weight"]) and len(optimizer.optimizer.state) == 2
+
+
+def test_the_private_trl_api_dgg_relies_on_still_exists(tiny_model_dir, tmp_path):
+    """A TRL upgrade that renames any of these breaks the integration; this says which, by name."""
+    methods = ("training_step", "_compute_loss", "_get_per_token_logps_and_entropies", "_save_checkpoint",
+               "_load_optimizer_and_scheduler", "_get_output_dir", "_generate_and_score_completions",
+               "_prepare_inputs")
+    missing = [name for name in methods if not callable(getattr(GRPOTrainer, name, None))]
+    assert missing == [], f"TRL no longer has GRPOTrainer.{', '.join(missing)}: dgg.integrations.trl needs updating"
+    trainer = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=1)
+    for attribute in ("_step", "_metrics", "num_iterations"):
+        assert hasattr(trainer, attribute), f"GRPOTrainer instances no longer have {attribute}"
+    assert isinstance(trainer._step, int) and "train" in trainer._metrics
+    for field_name in ("steps_per_generation", "num_iterations", "epsilon", "epsilon_high"):
+        assert hasattr(trainer.args, field_name), f"GRPOConfig no longer has {field_name}"
 
 
 def test_importing_without_trl_says_how_to_install(tmp_path):

@@ -209,7 +209,8 @@ class DGGGRPOTrainer(GRPOTrainer):
         self._dgg_ratio_sums: dict[str, float] = {}
         if not args.dgg_enabled:
             return
-        _refuse_unsupported_distribution(self.accelerator.distributed_type)
+        plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
+        _refuse_unsupported_distribution(self.accelerator.distributed_type, getattr(plugin, "fsdp_version", None))
         self.dgg_rule = make_rule(args.dgg_rule, args.rule_settings())
         dgg = self.dgg_rule.find("dgg")
         self.dgg_gate = dgg.gate if dgg is not None else None
@@ -276,6 +277,9 @@ class DGGGRPOTrainer(GRPOTrainer):
             # Gradient discard: with every .grad None, clipping sees nothing and AdamW skips every parameter,
             # so its moments and step counts are untouched. The LR scheduler and global_step still advance.
             model.zero_grad(set_to_none=True)
+            scaler = getattr(self.accelerator, "scaler", None)
+            if scaler is not None and scaler.is_enabled():
+                skip_scaled_optimizer_step(self.optimizer, scaler)
             # Reuse termination: TRL regenerates when _step reaches a multiple of steps_per_generation * K.
             self._step = next_generation_boundary(self._step, self.args.steps_per_generation, self.num_iterations)
         self.dgg_last_decision, self.dgg_last_signals = decision, signals
@@ -364,13 +368,33 @@ class DGGGRPOTrainer(GRPOTrainer):
                 self._dgg_probe = None
 
 
-def _refuse_unsupported_distribution(distributed_type: DistributedType) -> None:
+def skip_scaled_optimizer_step(optimizer, scaler) -> None:
+    """Make the coming ``optimizer.step()`` a no-op that still closes the GradScaler's iteration.
+
+    Under fp16 loss scaling a discard leaves every gradient None, and ``GradScaler.step`` then raises "No inf
+    checks were recorded for this optimizer". Skipping the step keeps AdamW untouched, as without a scaler;
+    ``update(new_scale=current)`` clears what ``unscale_`` (from gradient clipping) recorded, keeps the scale,
+    and is the scaler's public way to end an iteration without an inf check. The LR scheduler still steps."""
+    def skipped(*args, **kwargs):
+        del optimizer.step  # the class's own step again from the next call on
+        scaler.update(new_scale=scaler.get_scale())
+
+    optimizer.step = skipped
+
+
+def _refuse_unsupported_distribution(distributed_type: DistributedType, fsdp_version: int | None = None) -> None:
     if distributed_type == DistributedType.DEEPSPEED:
         raise ValueError(
             "DGGGRPOTrainer does not support DeepSpeed: its engine steps the optimizer inside backward(), so there "
             "is no point between the gradient and the optimizer where the gate could discard, and ZeRO-2/3 "
             "partition the lm_head gradient across ranks. Use DDP (plain accelerate launch), or set "
             "dgg_enabled=False."
+        )
+    if distributed_type == DistributedType.FSDP and fsdp_version != 2:
+        raise ValueError(
+            "DGGGRPOTrainer does not support FSDP version 1: each rank holds a flat shard of the lm_head gradient "
+            "outside a DTensor, so the probe would read the local shard's energy only and gate on a wrong number. "
+            "Use DDP, or FSDP2 (fsdp_version: 2, untested), or set dgg_enabled=False."
         )
     if distributed_type in (DistributedType.FSDP, DistributedType.XLA, DistributedType.MEGATRON_LM):
         warnings.warn(
