@@ -65,6 +65,12 @@ class RolloutConfig:
     """Sampling temperature; log-probs for the importance ratio use the same temperature."""
     top_p: float = 1.0
     """Nucleus sampling threshold (1.0 = off)."""
+    sampler: str = "hf"
+    """Who generates: ``hf`` (``model.generate`` on the training model) or ``vllm`` (a colocated vLLM engine,
+    weights pushed after each applied step; needs a GPU and ``pip install dgg[vllm]``). π_old is scored by the
+    training model either way."""
+    vllm_gpu_memory_utilization: float = 0.3
+    """vllm only: the share of GPU memory the engine may take (the rest is the trainer's)."""
 
     def __post_init__(self):
         _check(self.prompts_per_batch >= 1, "rollout.prompts_per_batch", "an integer >= 1", self.prompts_per_batch)
@@ -74,6 +80,9 @@ class RolloutConfig:
         _check(self.temperature > 0 and math.isfinite(self.temperature), "rollout.temperature", "> 0",
                self.temperature)
         _check(0 < self.top_p <= 1, "rollout.top_p", "in (0, 1]", self.top_p)
+        _check(self.sampler in ("hf", "vllm"), "rollout.sampler", "hf or vllm", self.sampler)
+        _check(0 < self.vllm_gpu_memory_utilization < 1, "rollout.vllm_gpu_memory_utilization", "in (0, 1)",
+               self.vllm_gpu_memory_utilization)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse_rules import AttemptSignals, DGGRule, Verdict, make_rule
 from dgg.rewards import CustomReward, scorable_task
-from dgg.rollout import RolloutBatch, completion_logprobs, sample_rollouts, score_old_policy
+from dgg.rollout import RolloutBatch, completion_logprobs, score_old_policy
 from dgg.run_io import (  # noqa: F401 (load_run_config and the constants are re-exported)
     CHECKPOINT,
     STATE_FILE,
@@ -50,6 +50,7 @@ from dgg.run_io import (  # noqa: F401 (load_run_config and the constants are re
     truncate_to,
     write_checkpoint,
 )
+from dgg.samplers import make_sampler
 from dgg.tasks import Problem, make_task, resolve_prompt_format, safe_reward
 from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
 
@@ -104,6 +105,9 @@ class GRPOTrainer:
         self.precision = config.train.precision
         # π_old is the policy before the batch's first update, so that update's own forward yields log π_old
         # for free — unless mini-batches update in between, or dropout makes train and eval forwards differ.
+        self.sampler = make_sampler(config.rollout.sampler, model, tokenizer, self.precision,
+                                    resolve_model_path(config.model.path) if config.rollout.sampler == "vllm" else None,
+                                    config.train.seed, config.rollout.vllm_gpu_memory_utilization)
         self.objective = make_objective(config)
         if config.algo.aggregation == "group-mean-token-mean" and config.reuse.mini_batches > 1:
             raise ConfigError("algo.aggregation=group-mean-token-mean needs whole groups in each update, so "
@@ -201,9 +205,8 @@ class GRPOTrainer:
                     for i in range(cfg.rollout.prompts_per_batch)]
         self.state.data_position += cfg.rollout.prompts_per_batch
         self.state.batch += 1
-        batch = sample_rollouts(self.model, self.tokenizer, problems, cfg.rollout.group_size,
-                                cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
-                                self.precision)
+        batch = self.sampler.sample(problems, cfg.rollout.group_size, cfg.rollout.max_new_tokens,
+                                    cfg.rollout.temperature, cfg.rollout.top_p)
         self.state.rollouts += batch.size
         if self.profiler is not None:  # which lm_head rows this batch sampled (weights/lm_head_sampled)
             completions = batch.input_ids[:, batch.prompt_length:]
@@ -306,6 +309,7 @@ class GRPOTrainer:
         if self.config.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params(), self.config.optim.grad_clip)
         self.optimizer.step()  # line 10
+        self.sampler.policy_changed()
         self.optimizer.zero_grad(set_to_none=True)
         self.probe.reset()
         self.state.updates += 1
@@ -482,8 +486,8 @@ class GRPOTrainer:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.batch)
             for i in range(0, count, chunk):
-                batch = sample_rollouts(self.model, self.tokenizer, problems[i:i + chunk], cfg.eval.samples,
-                                        cfg.rollout.max_new_tokens, cfg.eval.temperature, 1.0, self.precision)
+                batch = self.sampler.sample(problems[i:i + chunk], cfg.eval.samples, cfg.rollout.max_new_tokens,
+                                            cfg.eval.temperature, 1.0)
                 for problem, text in zip(batch.problems, batch.completions):
                     rewards.append(float(safe_reward(self.task, text, problem.answer, cfg.task.reward_timeout_s, problem)[0]))
         accuracy = sum(rewards) / len(rewards)
