@@ -18,6 +18,15 @@ def test_demo_writes_report_summary_and_figures_and_resumes(tiny_model_dir, tmp_
             assert key in arm
         assert arm["rollouts"] == 3 * 16  # the same rollout budget for every arm
     assert summary["arms"]["dgg"]["discards"] > 0  # tau = -1e9 and a 2-increment window: the gate fires
+    # the summary is what the metrics files say, not a separate bookkeeping
+    for arm, name in (("dgg", "dgg"), ("naive", "naive"), ("single", "single")):
+        records = [json.loads(line) for line in (out / name / "seed0" / "metrics.jsonl").read_text().splitlines()]
+        evals = [r["eval/accuracy"] for r in records if r["kind"] == "eval"]
+        assert abs(summary["arms"][arm]["converged_accuracy"] - sum(evals[-5:]) / len(evals[-5:])) < 1e-12
+        assert summary["arms"][arm]["peak_accuracy"] == max(evals)
+        discarded = sum(1 for r in records if r["kind"] == "update" and r.get("gate/discard"))
+        assert summary["arms"][arm]["discards"] == discarded
+    assert summary["arms"]["single"]["discards"] == 0 and summary["arms"]["naive"]["discards"] == 0
     for name in ("fig_accuracy.png", "fig_weights.png", "fig_signals.png", "fig_gate.png", "fig_gate_reuse.png",
                  "report.md"):
         assert (out / name).stat().st_size > 0
