@@ -42,7 +42,7 @@ def select_arms(arms: list, spec: str | None) -> list | None:
 
 def run(args: argparse.Namespace) -> int:
     from dgg.commands.report import build_report
-    from dgg.config import ConfigError, load_config
+    from dgg.config import load_config
     from dgg.experiments import EXPERIMENTS, run_arm
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -56,38 +56,32 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out or f"runs/bench/{args.name}")
     overrides = list(args.overrides)
     started = time.perf_counter()
-    try:
-        config = load_config(args.config, overrides)
-        if config.model.path == "default":
-            from dgg.warmstart import warmstart
+    config = load_config(args.config, overrides)
+    if config.model.path == "default":
+        from dgg.warmstart import warmstart
 
-            overrides.append(f"model.path={warmstart()}")
-        arms = EXPERIMENTS[args.name](config)
-        selected = select_arms(arms, args.arms)
-        if selected is None:
-            names = ", ".join(a.name for a in arms)
-            print(f"dgg bench: error: --arms {args.arms!r} names an arm {args.name} does not have; "
-                  f"its arms are: {names}", file=sys.stderr)
-            return 2
-        seeds = list(range(args.seeds))
-        out.mkdir(parents=True, exist_ok=True)
-        previous = out / "experiment.json"
-        # A partial run (--arms, fewer seeds) widens the record, never narrows it: the report covers all runs.
-        recorded = json.loads(previous.read_text()).get("seeds", []) if previous.is_file() else []
-        previous.write_text(json.dumps({
-            "name": args.name, "config": str(args.config), "overrides": overrides,
-            "seeds": sorted({*recorded, *seeds}),
-            "arms": [{"name": a.name, "label": a.label, "overrides": list(a.overrides), "baseline": a.baseline}
-                     for a in arms]}, indent=2))
-        total = len(selected) * len(seeds)
-        for i, (seed, arm) in enumerate(((s, a) for s in seeds for a in selected), 1):
-            print(f"[{i}/{total}] {arm.label}, seed {seed}", flush=True)
-            run_arm(args.config, overrides, arm, seed, out, force=args.force)
-    except ConfigError as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"dgg bench: error: {err}", file=sys.stderr)
+        overrides.append(f"model.path={warmstart()}")
+    arms = EXPERIMENTS[args.name](config)
+    selected = select_arms(arms, args.arms)
+    if selected is None:
+        names = ", ".join(a.name for a in arms)
+        print(f"dgg bench: error: --arms {args.arms!r} names an arm {args.name} does not have; "
+              f"its arms are: {names}", file=sys.stderr)
         return 2
+    seeds = list(range(args.seeds))
+    out.mkdir(parents=True, exist_ok=True)
+    previous = out / "experiment.json"
+    # A partial run (--arms, fewer seeds) widens the record, never narrows it: the report covers all runs.
+    recorded = json.loads(previous.read_text()).get("seeds", []) if previous.is_file() else []
+    previous.write_text(json.dumps({
+        "name": args.name, "config": str(args.config), "overrides": overrides,
+        "seeds": sorted({*recorded, *seeds}),
+        "arms": [{"name": a.name, "label": a.label, "overrides": list(a.overrides), "baseline": a.baseline}
+                 for a in arms]}, indent=2))
+    total = len(selected) * len(seeds)
+    for i, (seed, arm) in enumerate(((s, a) for s in seeds for a in selected), 1):
+        print(f"[{i}/{total}] {arm.label}, seed {seed}", flush=True)
+        run_arm(args.config, overrides, arm, seed, out, force=args.force)
     build_report(out)
     print(f"report: {out / 'report.md'}  ({time.perf_counter() - started:.0f} s)")
     return 0

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dgg.config import ConfigError, load_config
+    from dgg.config import load_config
     from dgg.experiments import reuse_arms, run_arm
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -45,26 +45,20 @@ def run(args: argparse.Namespace) -> int:
     args.config = args.config or "demo"
     out = Path(args.out or (f"runs/demo-{args.model}" if args.model else "runs/demo"))
     started = time.perf_counter()
-    try:
-        config = load_config(args.config, overrides)
-        if config.model.path == "default":
-            from dgg.warmstart import warmstart
+    config = load_config(args.config, overrides)
+    if config.model.path == "default":
+        from dgg.warmstart import warmstart
 
-            print("[1/3] embedded default model: warm-start (cached after the first run)")
-            model_dir = warmstart()
-            print(f"      model: {model_dir}")
-            overrides.append(f"model.path={model_dir}")
-        arms = reuse_arms(config.reuse.max_reuse, config.reuse.tau, with_reuse_window=not args.paper_only)
-        seeds = list(range(args.seeds))
-        total = len(arms) * len(seeds)
-        for i, (seed, arm) in enumerate(((s, a) for s in seeds for a in arms), 1):
-            print(f"[2/3] run {i}/{total}: {arm.label}, seed {seed}")
-            run_arm(args.config, overrides, arm, seed, out, force=args.force)
-    except ConfigError as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"dgg demo: error: {err}", file=sys.stderr)
-        return 2
+        print("[1/3] embedded default model: warm-start (cached after the first run)")
+        model_dir = warmstart()
+        print(f"      model: {model_dir}")
+        overrides.append(f"model.path={model_dir}")
+    arms = reuse_arms(config.reuse.max_reuse, config.reuse.tau, with_reuse_window=not args.paper_only)
+    seeds = list(range(args.seeds))
+    total = len(arms) * len(seeds)
+    for i, (seed, arm) in enumerate(((s, a) for s in seeds for a in arms), 1):
+        print(f"[2/3] run {i}/{total}: {arm.label}, seed {seed}")
+        run_arm(args.config, overrides, arm, seed, out, force=args.force)
     print("[3/3] report")
     summary = write_report(out, arms, seeds, config)
     print_table(summary, arms)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -13,14 +12,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        text = build_report(Path(args.directory))
-    except (FileNotFoundError, ValueError) as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"dgg report: error: {err}", file=sys.stderr)
-        return 2
-    print(text)
+    print(build_report(Path(args.directory)))  # a UserError reaches dgg.cli: one line, exit 2
     return 0
 
 
@@ -84,7 +76,7 @@ def build_report(out: Path) -> str:
 
     spec_path = out / "experiment.json"
     if not spec_path.is_file():
-        raise FileNotFoundError(f"{spec_path} does not exist: is {out} a `dgg bench` directory?")
+        raise UserError(f"{spec_path} does not exist: is {out} a `dgg bench` directory?")
     spec = read_json_file(spec_path, "experiment file")
     try:
         planned = [Arm(a["name"], a["label"], tuple(a["overrides"]), a["baseline"]) for a in spec["arms"]]
@@ -103,7 +95,7 @@ def build_report(out: Path) -> str:
                  for a in planned}
     arms = [a for a in planned if arm_seeds[a.name]]
     if not arms:
-        raise ValueError(f"{out}: no seed has finished its baseline arm(s) yet")
+        raise UserError(f"{out}: no seed has finished its baseline arm(s) yet")
     finished = [s for s in finished if any(s in arm_seeds[a.name] for a in arms)]
     pending = [a.label for a in planned if len(arm_seeds[a.name]) < len(spec["seeds"])]
     summaries, records = summarise(out, arms, finished, arm_seeds)

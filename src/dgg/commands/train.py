@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -34,19 +33,13 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"output.dir={args.output}")
     if args.overwrite:
         overrides.append("output.overwrite=true")
-    try:
-        if args.resume:
-            if args.config:
-                raise ConfigError("--resume uses the run's own config.yaml; drop -c/--config")
-            config = load_run_config(args.resume, overrides)
-        else:
-            config = load_config(args.config, overrides)
-        trainer = train(config, resume=args.resume)
-    except ConfigError as err:
-        if getattr(args, "debug", False):
-            raise
-        print(f"dgg train: error: {err}", file=sys.stderr)
-        return 2
+    if args.resume:
+        if args.config:
+            raise ConfigError("--resume uses the run's own config.yaml; drop -c/--config")
+        config = load_run_config(args.resume, overrides)
+    else:
+        config = load_config(args.config, overrides)
+    trainer = train(config, resume=args.resume)
     state = trainer.state
     print(json.dumps({"run_dir": str(trainer.run_dir), "batches": state.batch, "rollouts": state.rollouts,
                       "updates": state.updates, "gate_discards": trainer.gate.discards_by_reason,
