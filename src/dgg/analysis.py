@@ -19,6 +19,7 @@ from pathlib import Path
 from dgg.errors import UserError
 
 CONVERGED_WINDOW = 5
+BASELINE_ARM = "single"  # every arm's speedups are against the single-use run of the same seed
 COLLAPSE_THRESHOLD = 0.10  # absolute accuracy lost from the peak to the converged value
 
 
@@ -150,7 +151,7 @@ def summarise_run(records: list[dict], arm: str, seed: int | None = None) -> Arm
     )
 
 
-def compare_to_baseline(arms: dict[str, list[dict]], baseline: str = "single") -> dict[str, ArmSummary]:
+def compare_to_baseline(arms: dict[str, list[dict]], baseline: str = BASELINE_ARM) -> dict[str, ArmSummary]:
     """Summaries of every arm, with Table-1 speedups against ``baseline``'s converged accuracy."""
     summaries = {name: summarise_run(records, name) for name, records in arms.items()}
     if baseline not in arms:

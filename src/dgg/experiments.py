@@ -11,7 +11,14 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from dgg.analysis import ArmSummary, compare_to_baseline, mean_and_std, read_metrics, summary_dict
+from dgg.analysis import (
+    BASELINE_ARM,
+    ArmSummary,
+    compare_to_baseline,
+    mean_and_std,
+    read_metrics,
+    summary_dict,
+)
 from dgg.config import load_config
 
 log = logging.getLogger("dgg.experiments")
@@ -26,14 +33,14 @@ class Arm:
     name: str
     label: str
     overrides: tuple[str, ...]
-    baseline: str = "single"
+    baseline: str = BASELINE_ARM
 
 
 def reuse_arms(max_reuse: int, tau: float, with_reuse_window: bool = False) -> list[Arm]:
     """The paper's three methods (§6.2): single-use, naive reuse (fixed K) and DGG (up to K, gated, the paper's
     window over all increments); optionally DGG with the reuse-only window (``reuse.history=reuse``) too."""
     arms = [
-        Arm("single", "GRPO (single-use)", ("reuse.mode=single",)),
+        Arm(BASELINE_ARM, "GRPO (single-use)", ("reuse.mode=single",)),
         Arm("naive", f"GRPO w/ Naive Reuse (K={max_reuse})", ("reuse.mode=fixed", f"reuse.max_reuse={max_reuse}")),
         Arm("dgg", f"GRPO w/ DGG (K={max_reuse}, τ={tau:g})",
             ("reuse.mode=dgg", f"reuse.max_reuse={max_reuse}", f"reuse.tau={tau}", "reuse.history=all")),
@@ -112,14 +119,14 @@ def aggregate(summaries: dict[str, list[ArmSummary]]) -> dict[str, dict]:
 
 # --- named benchmark experiments (paper §6, Fig. 2–5, Table 1, Appendix F) -----------------------------------
 
-def _dgg(max_reuse: int, tau: float, extra: tuple[str, ...] = (), baseline: str = "single", suffix: str = "") -> Arm:
+def _dgg(max_reuse: int, tau: float, extra: tuple[str, ...] = (), baseline: str = BASELINE_ARM, suffix: str = "") -> Arm:
     return Arm(f"dgg_k{max_reuse}_tau{tau:g}{suffix}", f"GRPO w/ DGG (K={max_reuse}, τ={tau:g}){suffix}",
                ("reuse.mode=dgg", f"reuse.max_reuse={max_reuse}", f"reuse.tau={tau}", *extra), baseline)
 
 
 def _fixed(max_reuse: int, label: str | None = None) -> Arm:
     if max_reuse == 1:
-        return Arm("single", "GRPO (single-use)", ("reuse.mode=single",))
+        return Arm(BASELINE_ARM, "GRPO (single-use)", ("reuse.mode=single",))
     return Arm(f"fixed_k{max_reuse}", label or f"GRPO w/ fixed reuse (K={max_reuse})",
                ("reuse.mode=fixed", f"reuse.max_reuse={max_reuse}"))
 
@@ -185,7 +192,7 @@ def experiment_reuse_rules(config) -> list[Arm]:
                    ("reuse.mode=single", f"optim.lr={lr * scale:g}"))
 
     targets = sorted({0.02, config.reuse.target_kl, 4 * config.reuse.target_kl})
-    first = [Arm("single", "GRPO (single-use)", ("reuse.mode=single",)), _fixed(k, f"GRPO w/ Naive Reuse (K={k})"),
+    first = [Arm(BASELINE_ARM, "GRPO (single-use)", ("reuse.mode=single",)), _fixed(k, f"GRPO w/ Naive Reuse (K={k})"),
              dgg(tau), *(kl(t) for t in targets), nosignal(1e-3),
              Arm("dgg_nosignal", f"DGG (τ={tau:g}) + no-signal guard",
                  (*reuse, "reuse.rule=dgg+nosignal", f"reuse.tau={tau}")),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from dgg.analysis import EvalPoint, converged_accuracy, degradation_onset, eval_points
+from dgg.analysis import BASELINE_ARM, EvalPoint, converged_accuracy, degradation_onset, eval_points
 
 ARM_STYLE = {  # arm -> (label, colour)
     "single": ("GRPO (single-use)", "#4d4d4d"),
@@ -44,8 +44,8 @@ def plot_accuracy(arms: dict[str, list[list[dict]]], out: Path, labels: dict[str
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
     baseline = None
-    if "single" in arms:
-        baseline = statistics.fmean(converged_accuracy(eval_points(r)) for r in arms["single"])
+    if BASELINE_ARM in arms:
+        baseline = statistics.fmean(converged_accuracy(eval_points(r)) for r in arms[BASELINE_ARM])
     for arm, runs in arms.items():
         points = [eval_points(r) for r in runs]
         label, colour = _style(arm)

@@ -15,8 +15,9 @@ removed followed by ``=``, e.g. ``"57-8="``; the target is the answer followed b
 The result is a Hugging Face directory (safetensors) cached under a hash of the config, so ``make demo`` and
 every RL experiment start from the same weights without retraining.
 
-Over 450 lines for now: the warm-start keeps its own config, data and sampler; issue 12 names it for a
-split.
+Over 450 lines: the warm-start is one self-contained recipe (its config, its noisy-label data, its own
+training loop and the greedy check that the result solves the task sometimes but not always). Nothing else in
+dgg uses its pieces, so they stay together.
 """
 
 from __future__ import annotations

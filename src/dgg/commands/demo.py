@@ -68,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def write_report(out: Path, arms, seeds: list[int], config) -> dict:
+    from dgg.analysis import BASELINE_ARM
     from dgg.experiments import aggregate, summarise
     from dgg.plots import plot_accuracy, plot_gate, plot_signals, plot_weight_change
 
@@ -76,7 +77,7 @@ def write_report(out: Path, arms, seeds: list[int], config) -> dict:
     figures = {
         "accuracy": plot_accuracy(records, out / "fig_accuracy.png", labels),
         "weights": plot_weight_change({a: r[0] for a, r in records.items()}, out / "fig_weights.png", labels),
-        "signals": plot_signals({a: r[0] for a, r in records.items() if a != "single"}, out / "fig_signals.png",
+        "signals": plot_signals({a: r[0] for a, r in records.items() if a != BASELINE_ARM}, out / "fig_signals.png",
                                 labels),
         "gate": plot_gate(records["dgg"][0], config.reuse.tau, out / "fig_gate.png", labels["dgg"]),
     }

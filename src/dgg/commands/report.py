@@ -51,12 +51,13 @@ def _stops_cell(runs: list[dict]) -> str:
 def _story_figures(out: Path, arms, records, labels) -> list[str]:
     """Fig. 1 and Fig. 3 analogues (first seed) for single-use, naive reuse and the paper's gate, and the energy
     split when the runs logged it."""
+    from dgg.analysis import BASELINE_ARM
     from dgg.plots import plot_energy_split, plot_signals, plot_weight_change
 
-    names = [a.name for a in arms if a.name == "single" or a.name.startswith(("fixed_", "dgg_tau0.5"))]
+    names = [a.name for a in arms if a.name == BASELINE_ARM or a.name.startswith(("fixed_", "dgg_tau0.5"))]
     first = {name: records[name][0] for name in names}
     plot_weight_change(first, out / "fig_weights.png", labels)
-    plot_signals({n: r for n, r in first.items() if n != "single"}, out / "fig_signals.png", labels)
+    plot_signals({n: r for n, r in first.items() if n != BASELINE_ARM}, out / "fig_signals.png", labels)
     lines = ["## Relative weight change per component (Fig. 1), first seed", "![weights](fig_weights.png)", "",
              "## Monitoring signals (Fig. 3), first seed", "![signals](fig_signals.png)", ""]
     if any(r.get("energy/neg") is not None for run in first.values() for r in run if r["kind"] == "update"):
@@ -68,7 +69,7 @@ def _story_figures(out: Path, arms, records, labels) -> list[str]:
 
 def build_report(out: Path) -> str:
     """Write report.md, summary.json and figures for a benchmark directory; return the Markdown."""
-    from dgg.analysis import SIGNAL_KEYS, degradation_onset, eval_points, signal_firings
+    from dgg.analysis import BASELINE_ARM, SIGNAL_KEYS, degradation_onset, eval_points, signal_firings
     from dgg.config import load_config
     from dgg.errors import UserError, read_json_file
     from dgg.experiments import Arm, aggregate, run_dir_for, summarise
@@ -132,7 +133,7 @@ def build_report(out: Path) -> str:
                "arms_pending": [a.name for a in planned if len(arm_seeds[a.name]) < len(spec["seeds"])],
                "arm_seeds": arm_seeds}
 
-    reuse_arms = [a for a in arms if a.name not in ("single",) and not a.name.startswith("single_")]
+    reuse_arms = [a for a in arms if not a.name.startswith(BASELINE_ARM)]  # single-use at any lr is no reuse
     if spec["name"] == "reuse-rules":
         lines += _story_figures(out, arms, records, labels)
     if spec["name"] == "signals":
