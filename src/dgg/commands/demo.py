@@ -103,7 +103,10 @@ def write_report(out: Path, arms, seeds: list[int], config) -> dict:
         "figures": {k: str(v.name) for k, v in figures.items()},
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "report.md").write_text(render_report(summary, config))
+    from dgg.commands.report import results_table
+
+    table = results_table(arms, aggregated, {a.name: seeds for a in arms})
+    (out / "report.md").write_text(render_report(summary, config, table))
     return summary
 
 
@@ -123,7 +126,7 @@ def _speedup(arm: dict, key: str) -> str:
     return text if len(reached) == len(values) else f"{text} ({len(reached)}/{len(values)} seeds reached)"
 
 
-def render_report(summary: dict, config) -> str:
+def render_report(summary: dict, config, table: list[str]) -> str:
     seeds = summary["seeds"]
     lines = [
         "# dgg demo report",
@@ -136,17 +139,8 @@ def render_report(summary: dict, config) -> str:
         "Speedups follow the paper's Table 1: cost (rollouts or training wall-clock) to first reach the single-use "
         "arm's converged accuracy (mean of its last five evaluations), as baseline cost / arm cost.",
         "",
-        "| arm | converged acc. | peak | final | rollout speedup | wall-clock speedup | collapsed seeds | "
-        "gate discards | updates/batch |",
-        "|---|---|---|---|---|---|---|---|---|",
+        *table,
     ]
-    for _arm, s in summary["arms"].items():
-        std = s["std"]
-        lines.append(
-            f"| {s['label']} | {_fmt(s['converged_accuracy'])} ± {_fmt(std['converged_accuracy'])} | "
-            f"{_fmt(s['peak_accuracy'])} | {_fmt(s['final_accuracy'])} | "
-            f"{_speedup(s, 'rollout_speedup')} | {_speedup(s, 'wall_clock_speedup')} | {s['collapsed_seeds']}/{len(seeds)} | "
-            f"{_fmt(s['discards'], 1)} | {_fmt(s['mean_reuse_per_batch'], 2)} |")
     lines += ["", *goal_check(summary)]
     lines += [
         "",

@@ -48,6 +48,26 @@ def _stops_cell(runs: list[dict]) -> str:
     return f"{total / len(runs):.1f} ({detail})"
 
 
+def results_table(arms, aggregated: dict, arm_seeds: dict[str, list[int]]) -> list[str]:
+    """The Table-1 style Markdown table shared by ``dgg report`` and ``dgg demo``: one row per arm, mean ± std
+    over the seeds that arm finished."""
+    lines = ["| arm | seeds | converged acc. | peak | rollout speedup | wall-clock speedup | collapsed | discards | "
+             "rule stops/run (reasons) | updates/batch | training time (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for arm in arms:
+        a = aggregated[arm.name]
+        n = len(arm_seeds[arm.name])
+        undefined = sum(r["speedup_undefined"] for r in a["runs"])  # seeds whose baseline never improved
+        speedups = [_speedup_cell(a, key, n, undefined) for key in ("rollout_speedup", "wall_clock_speedup")]
+        lines.append(
+            f"| {arm.label} | {','.join(map(str, arm_seeds[arm.name]))} | "
+            f"{_fmt(a['converged_accuracy']['mean'], a['converged_accuracy']['std'])} | "
+            f"{_fmt(a['peak_accuracy']['mean'])} | {speedups[0]} | {speedups[1]} | "
+            f"{a['collapsed_seeds']}/{n} | {_fmt(a['discards']['mean'], digits=1)} | {_stops_cell(a['runs'])} | "
+            f"{_fmt(a['mean_reuse_per_batch']['mean'], digits=2)} | {_fmt(a['wall_time']['mean'], digits=0)} |")
+    return lines
+
+
 def _story_figures(out: Path, arms, records, labels) -> list[str]:
     """Fig. 1 and Fig. 3 analogues (first seed) for single-use, naive reuse and the paper's gate, and the energy
     split when the runs logged it."""
@@ -114,19 +134,7 @@ def build_report(out: Path) -> str:
                 f"({', '.join(pending)}); rerun the same `dgg bench` command to continue."
                 + (" Arms differ in how many seeds they have (column *seeds*): compare means with care." if uneven
                    else ""), ""] if pending else []),
-             "| arm | seeds | converged acc. | peak | rollout speedup | wall-clock speedup | collapsed | discards | "
-             "rule stops/run (reasons) | updates/batch | training time (s) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for arm in arms:
-        a = aggregated[arm.name]
-        n = len(arm_seeds[arm.name])
-        undefined = sum(r["speedup_undefined"] for r in a["runs"])  # seeds whose baseline never improved
-        speedups = [_speedup_cell(a, key, n, undefined) for key in ("rollout_speedup", "wall_clock_speedup")]
-        lines.append(
-            f"| {arm.label} | {','.join(map(str, arm_seeds[arm.name]))} | {_fmt(a['converged_accuracy']['mean'], a['converged_accuracy']['std'])} | "
-            f"{_fmt(a['peak_accuracy']['mean'])} | {speedups[0]} | {speedups[1]} | "
-            f"{a['collapsed_seeds']}/{n} | {_fmt(a['discards']['mean'], digits=1)} | {_stops_cell(a['runs'])} | "
-            f"{_fmt(a['mean_reuse_per_batch']['mean'], digits=2)} | {_fmt(a['wall_time']['mean'], digits=0)} |")
+             *results_table(arms, aggregated, arm_seeds)]
     lines += ["", "A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than 0.10.",
               "", "![accuracy](fig_accuracy.png)", ""]
     summary = {"experiment": spec, "seeds_finished": finished, "arms": aggregated,
