@@ -359,7 +359,8 @@ def test_the_kl_rule_stops_reuse_inside_trl_with_sb3_semantics(tiny_model_dir, t
     assert trainer.dgg_gate is None and trainer.dgg_rule.name == "kl"
     logs = [entry for entry in trainer.state.log_history if "gate/reuse_index" in entry]
     assert [entry["gate/reuse_index"] for entry in logs] == [1.0, 2.0]
-    assert [entry["gate/discard"] for entry in logs] == [0.0, 1.0]  # KL > 1.5e-9 after one step at lr 1e-2
+    assert [entry["reuse/stop"] for entry in logs] == [0.0, 1.0]  # KL > 1.5e-9 after one step at lr 1e-2
+    assert [entry["gate/discard"] for entry in logs] == [0.0, 0.0]  # the paper's gate did not drop it: KL did
     assert logs[0]["actor/approx_kl"] == pytest.approx(0.0, abs=1e-7) and logs[1]["actor/approx_kl"] > 1.5e-9
     assert trainer.dgg_rule.stops_by_reason == {"kl": 1}
     assert trainer.dgg_last_signals.active_tokens > 0 and trainer.dgg_last_signals.has_signal is not None

@@ -322,7 +322,9 @@ class DGGGRPOTrainer(GRPOTrainer):
         z = decision.values.get("dgg/z")
         metrics["actor/lm_head_grad_energy"].append(signals.lm_head_energy)
         metrics["gate/z"].append(z if z is not None else math.nan)
-        metrics["gate/discard"].append(float(not decision.apply))
+        # Named as in dgg's own trainer: gate/discard is the paper's gate dropping the step, reuse/stop any rule.
+        metrics["gate/discard"].append(float(decision.reason == "dgg:zscore"))
+        metrics["reuse/stop"].append(float(not decision.apply))
         metrics["gate/reuse_index"].append(float(signals.reuse_index))
         if signals.approx_kl is not None:
             metrics["actor/approx_kl"].append(signals.approx_kl)
