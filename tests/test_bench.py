@@ -90,3 +90,22 @@ def test_arms_selects_a_subset_with_its_baseline_and_seeds_can_differ_per_arm(ti
     capsys.readouterr()
     assert cli_main(["bench", "main", "--arms", "nope", *common]) == 2
     assert "its arms are: single, fixed_k4" in capsys.readouterr().err
+
+
+def test_an_arm_stopped_part_way_continues_from_its_checkpoint(tiny_model_dir, tmp_path):
+    from dgg.experiments import Arm, run_arm
+
+    arm = Arm("single", "single-use", ("reuse.mode=single",))
+    common = [f"model.path={tiny_model_dir}", *TINY, "train.max_batches=4", "train.checkpoint_every=2"]
+    whole = run_arm(None, common, arm, 0, tmp_path / "whole")
+    stopped = run_arm(None, [*common[:-2], "train.max_batches=2", "train.checkpoint_every=2"], arm, 0,
+                      tmp_path / "cut")
+    (stopped / "done.json").unlink()  # as if the sweep had been killed after the checkpoint at batch 2
+    before = (stopped / "metrics.jsonl").read_text()
+    run_arm(None, [*common, "train.threads=1"], arm, 0, tmp_path / "cut")  # threads may differ on resume
+    after = (stopped / "metrics.jsonl").read_text()
+    assert after.startswith(before.rsplit('{"kind": "eval"', 1)[0])  # the first two batches were kept, not redone
+    strip = lambda text: [{k: v for k, v in json.loads(line).items() if not k.startswith("perf/")  # noqa: E731
+                           and k not in ("wall_time", "rollout/seconds", "rollout/scoring_seconds")}
+                          for line in text.splitlines()]
+    assert strip(after) == strip((whole / "metrics.jsonl").read_text())

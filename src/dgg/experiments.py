@@ -65,10 +65,25 @@ def run_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int
     if (run_dir / DONE).is_file() and not force:
         log.info("%s seed %d: already finished, skipped (%s)", arm.name, seed, run_dir)
         return run_dir
-    # An arm without done.json never finished (or is forced): it starts again from scratch.
     resolved = load_config(config, [*overrides, *arm.overrides, f"train.seed={seed}", f"output.dir={run_dir}",
                                     "output.overwrite=true"])
-    trainer = train(resolved)
+    trainer = None
+    if not force and (run_dir / "config.yaml").is_file() and (run_dir / "checkpoint").is_dir():
+        # An arm stopped part-way continues from its last checkpoint, if it is the same run (threads, progress
+        # and checkpointing may differ); anything else starts again from scratch.
+        from dgg.config import flatten, save_config, to_dict
+        from dgg.run_io import RESUMABLE_KEYS, load_run_config
+
+        stored = load_run_config(run_dir)
+        ignored = {*RESUMABLE_KEYS, *(("task.prompt_format",) if resolved.task.prompt_format == "auto" else ())}
+        wanted = {k: v for k, v in flatten(to_dict(resolved)).items() if k not in ignored}
+        if {k: v for k, v in flatten(to_dict(stored)).items() if k not in ignored} == wanted:
+            log.info("%s seed %d: continuing from its checkpoint (%s)", arm.name, seed, run_dir)
+            stored.train, stored.output = resolved.train, resolved.output
+            save_config(stored, run_dir / "config.yaml")
+            trainer = train(stored, resume=run_dir)
+    if trainer is None:  # never started, forced, or another setting: from scratch
+        trainer = train(resolved)
     (run_dir / DONE).write_text(json.dumps({"arm": arm.name, "seed": seed, "batches": trainer.state.batch,
                                             "rollouts": trainer.state.rollouts,
                                             "wall_time": trainer.state.wall_time}))
