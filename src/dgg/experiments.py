@@ -203,7 +203,7 @@ def experiment_reuse_rules(config) -> list[Arm]:
                    (*reuse, "reuse.rule=nosignal", f"reuse.signal_floor={floor}"))
 
     def single(scale):
-        return Arm(f"single_lrx{scale}", f"GRPO (single-use), lr×{scale}",
+        return Arm(f"single_lrx{scale:g}", f"GRPO (single-use), lr×{scale:g}",
                    ("reuse.mode=single", f"optim.lr={lr * scale:g}"))
 
     targets = sorted({0.02, config.reuse.target_kl, 4 * config.reuse.target_kl})
@@ -219,7 +219,8 @@ def experiment_reuse_rules(config) -> list[Arm]:
             # The converse of single-use at 2× and 4× the lr: K reused updates at 1/K of the lr move the weights
             # about as far per batch as one update, so any gain is what reuse extracts from the same rollouts.
             Arm(f"fixed_k{k}_lrx{1 / k:g}", f"GRPO w/ Naive Reuse (K={k}), lr/{k}",
-                ("reuse.mode=fixed", f"reuse.max_reuse={k}", f"optim.lr={lr / k:g}"))]
+                ("reuse.mode=fixed", f"reuse.max_reuse={k}", f"optim.lr={lr / k:g}")),
+            single(1 / k)]  # its control: the same small lr, one update per batch
     return first + rest
 
 
