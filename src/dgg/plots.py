@@ -50,6 +50,8 @@ def plot_accuracy(arms: dict[str, list[list[dict]]], out: Path, labels: dict[str
         points = [eval_points(r) for r in runs]
         label, colour = _style(arm)
         label = (labels or {}).get(arm, label)
+        if len({len(r) for r in arms.values()}) > 1:  # arms with different seed counts: say which has how many
+            label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         for ax, axis in zip(axes, ("rollouts", "wall_time")):
             xs, ys, sd = _mean_curve(points, axis)
             ax.plot(xs, ys, label=label, color=colour, lw=1.8)
@@ -62,9 +64,11 @@ def plot_accuracy(arms: dict[str, list[list[dict]]], out: Path, labels: dict[str
         ax.set_xlabel(xlabel)
         ax.set_ylabel("held-out accuracy (mean@k)")
         ax.grid(alpha=0.3)
-    seeds = max(len(r) for r in arms.values())
+    counts = sorted({len(r) for r in arms.values()})
+    seeds = f"{counts[0]} seed{'s' if counts[0] > 1 else ''}" if len(counts) == 1 else \
+        f"{'–'.join(map(str, (counts[0], counts[-1])))} seeds per arm, see the legend"
     axes[0].legend(fontsize=8, loc="lower right")
-    fig.suptitle(f"Accuracy vs cost ({seeds} seed{'s' if seeds > 1 else ''}; band = ±1 std)")
+    fig.suptitle(f"Accuracy vs cost ({seeds}; band = ±1 std over an arm's seeds)")
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
