@@ -16,7 +16,7 @@ import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from dgg.errors import UserError
+from dgg.errors import UserError, utf8_lines
 
 CONVERGED_WINDOW = 5
 BASELINE_ARM = "single"  # every arm's speedups are against the single-use run of the same seed
@@ -28,20 +28,13 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist: is {run_dir} a dgg run directory?")
     records = []
-    with open(path, "rb") as f:
-        for number, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise UserError(f"{path}, line {number}: not UTF-8 text (byte {err.start})") from None
-            if not line.strip():
-                continue
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                if not raw.endswith(b"\n"):  # a line torn by a kill mid-write: everything before it is whole
-                    break
-                raise UserError(f"{path}, line {number}: not JSON ({err})") from None
+    for number, line in utf8_lines(path):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if not line.endswith("\n"):  # a line torn by a kill mid-write: everything before it is whole
+                break
+            raise UserError(f"{path}, line {number}: not JSON ({err})") from None
     return records
 
 

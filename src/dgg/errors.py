@@ -14,6 +14,19 @@ class UserError(ValueError):
     """Something the user can fix; the message names the field, file or value and what is allowed."""
 
 
+def utf8_lines(path: str | Path):
+    """``(line number, text)`` of each non-blank line of a text file, the newline kept (a line without one is
+    the last, perhaps torn); a line that is not UTF-8 is a UserError naming the file and the line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise UserError(f"{path}, line {number}: not UTF-8 text (byte {err.start})") from None
+            if line.strip():
+                yield number, line
+
+
 def read_json_file(path: str | Path, what: str) -> object:
     """A JSON file's content, or a UserError that names the file (missing, not UTF-8, or not JSON)."""
     path = Path(path)
