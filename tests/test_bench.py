@@ -109,3 +109,30 @@ def test_an_arm_stopped_part_way_continues_from_its_checkpoint(tiny_model_dir, t
                            and k not in ("wall_time", "rollout/seconds", "rollout/scoring_seconds")}
                           for line in text.splitlines()]
     assert strip(after) == strip((whole / "metrics.jsonl").read_text())
+
+
+def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tiny_model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    from dgg.experiments import Arm, held_by_this_process, run_arm
+
+    arm = Arm("single", "single-use", ("reuse.mode=single",))
+    common = [f"model.path={tiny_model_dir}", *TINY, "train.max_batches=1"]
+    run_dir = tmp_path / "out" / "single" / "seed0"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from dgg.experiments import held_by_this_process\n"
+        f"with held_by_this_process(Path({str(run_dir)!r})) as held:\n"
+        "    print(held, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "True"
+        run_arm(None, common, arm, 0, tmp_path / "out")
+        assert not (run_dir / "metrics.jsonl").exists()  # skipped: the other process holds it
+        with held_by_this_process(run_dir) as held:
+            assert not held
+    finally:
+        holder.kill()
+        holder.wait()
+    # The lock ended with its process: the run now trains here.
+    run_arm(None, common, arm, 0, tmp_path / "out")
+    assert (run_dir / "done.json").is_file()

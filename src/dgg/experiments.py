@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from dgg.config import load_config
 
 log = logging.getLogger("dgg.experiments")
 DONE = "done.json"
+LOCK = ".running.lock"
 
 
 @dataclass(frozen=True)
@@ -58,13 +61,46 @@ def run_dir_for(out: Path, arm: Arm, seed: int) -> Path:
 
 def run_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int, out: Path,
             force: bool = False) -> Path:
-    """Train one arm for one seed unless it already finished; returns its run directory."""
-    from dgg.trainer import train
-
+    """Train one arm for one seed unless it already finished or another process is training it; returns its run
+    directory."""
     run_dir = run_dir_for(out, arm, seed)
     if (run_dir / DONE).is_file() and not force:
         log.info("%s seed %d: already finished, skipped (%s)", arm.name, seed, run_dir)
         return run_dir
+    with held_by_this_process(run_dir) as held:
+        if not held:
+            log.warning("%s seed %d: another process is running it, skipped (%s)", arm.name, seed, run_dir)
+        elif force or not (run_dir / DONE).is_file():  # it may have finished while we waited for the lock
+            _train_arm(config, overrides, arm, seed, run_dir, force)
+    return run_dir
+
+
+@contextmanager
+def held_by_this_process(run_dir: Path) -> Iterator[bool]:
+    """Whether this process may train ``run_dir``: two ``dgg bench`` processes sharing one ``--out`` split its
+    runs instead of training the same one twice. The lock is the OS's (``flock``), so it ends with its process."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): one process per --out
+        yield True
+        return
+    with open(run_dir / LOCK, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _train_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int, run_dir: Path,
+               force: bool) -> None:
+    from dgg.trainer import train
+
     resolved = load_config(config, [*overrides, *arm.overrides, f"train.seed={seed}", f"output.dir={run_dir}",
                                     "output.overwrite=true"])
     trainer = None
@@ -87,7 +123,6 @@ def run_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int
     (run_dir / DONE).write_text(json.dumps({"arm": arm.name, "seed": seed, "batches": trainer.state.batch,
                                             "rollouts": trainer.state.rollouts,
                                             "wall_time": trainer.state.wall_time}))
-    return run_dir
 
 
 def summarise(out: Path, arms: list[Arm], seeds: list[int], seeds_for: dict[str, list[int]] | None = None
