@@ -271,6 +271,24 @@ class TrainConfig:
 
 
 @dataclass
+class AgentConfig:
+    """Limits of multi-turn episodes, used when ``task.name`` is an environment (``dgg.agents``); each reply is at
+    most ``rollout.max_new_tokens``."""
+
+    max_turns: int = 4
+    """Policy replies per episode; one still running after the last ends with its reward so far (counted)."""
+    max_episode_tokens: int = 256
+    """Longest completion region, replies and observations together (the same kind of end)."""
+    env_timeout_s: float = 10.0
+    """An environment ``reset``/``step`` slower than this ends its episode with reward 0, counted and logged."""
+
+    def __post_init__(self):
+        _check(self.max_turns >= 1, "agent.max_turns", "an integer >= 1", self.max_turns)
+        _check(self.max_episode_tokens >= 1, "agent.max_episode_tokens", "an integer >= 1", self.max_episode_tokens)
+        _check(0 < self.env_timeout_s < math.inf, "agent.env_timeout_s", "a finite number > 0", self.env_timeout_s)
+
+
+@dataclass
 class EvalConfig:
     every: int = 10
     """Evaluate every N batches (and before the first and after the last); 0 disables."""
@@ -340,6 +358,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     reuse: ReuseConfig = field(default_factory=ReuseConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     output: OutputConfig = field(default_factory=OutputConfig)

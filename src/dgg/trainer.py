@@ -56,6 +56,30 @@ from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
 
 log = logging.getLogger("dgg.trainer")
 
+def episode_sampler(config: Config, model, tokenizer, task, chat: bool):
+    from dgg.agents import EpisodeLimits, EpisodeSampler
+
+    if config.rollout.sampler != "hf":
+        raise ConfigError(f"task {task.name} is an environment: its multi-turn episodes need rollout.sampler=hf "
+                          f"(got {config.rollout.sampler!r})")
+    if config.task.reward:
+        raise ConfigError(f"task {task.name} is an environment, which scores its own episodes: task.reward must "
+                          "be null")
+    limits = EpisodeLimits(config.agent.max_turns, config.agent.max_episode_tokens, config.agent.env_timeout_s)
+    return EpisodeSampler(model, tokenizer, task, limits, config.train.precision, chat)
+
+
+def episode_statistics(batch: RolloutBatch) -> dict[str, float]:
+    infos = batch.reward_infos
+    policy = sum(i["policy_tokens"] for i in infos)
+    observed = sum(i["observation_tokens"] for i in infos)
+    return {"agent/turns_mean": sum(i["turns"] for i in infos) / len(infos),
+            "agent/truncated": sum(bool(i.get("truncated")) for i in infos),
+            "agent/env_errors": sum(bool(i.get("env_error")) for i in infos),
+            "agent/invalid_episodes": sum(bool(i.get("invalid")) for i in infos),
+            "agent/masked_token_fraction": observed / max(1, policy + observed)}
+
+
 def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
     """Apply the tokenizer's chat template when the task asks for it."""
     if not chat:
@@ -98,16 +122,20 @@ class GRPOTrainer:
         if task is None:  # "auto" prompts: the chat template when the tokenizer has one (saved resolved)
             config.task = resolve_prompt_format(config.task, bool(getattr(tokenizer, "chat_template", None)))
             task = make_task(config.task)
-            if config.task.reward:
+            if config.task.reward and not getattr(task, "is_environment", False):
                 task = CustomReward(task, config.task.reward)
         self.task = scorable_task(task)
         self.chat = getattr(config.task, "prompt_format", "bare") == "chat"
         self.precision = config.train.precision
         # π_old is the policy before the batch's first update, so that update's own forward yields log π_old
         # for free — unless mini-batches update in between, or dropout makes train and eval forwards differ.
-        self.sampler = make_sampler(config.rollout.sampler, model, tokenizer, self.precision,
-                                    resolve_model_path(config.model.path) if config.rollout.sampler == "vllm" else None,
-                                    config.train.seed, config.rollout.vllm_gpu_memory_utilization)
+        self.episodic = bool(getattr(self.task, "is_environment", False))
+        if self.episodic:  # multi-turn: each rollout is an episode, scored by its environment
+            self.sampler = episode_sampler(config, model, tokenizer, self.task, self.chat)
+        else:
+            self.sampler = make_sampler(config.rollout.sampler, model, tokenizer, self.precision,
+                                        resolve_model_path(config.model.path) if config.rollout.sampler == "vllm"
+                                        else None, config.train.seed, config.rollout.vllm_gpu_memory_utilization)
         self.objective = make_objective(config)
         if config.algo.aggregation == "group-mean-token-mean" and config.reuse.mini_batches > 1:
             raise ConfigError("algo.aggregation=group-mean-token-mean needs whole groups in each update, so "
@@ -224,6 +252,29 @@ class GRPOTrainer:
         return batch
 
     def _score_rewards(self, batch: RolloutBatch) -> None:
+        if batch.rewards is None:
+            self._score_completions(batch)
+        else:  # episodes come scored by their environment; one that failed scored 0
+            self._log_environment_errors(batch)
+        kl_penalty = None
+        if batch.reference_logprobs is not None and batch.old_logprobs is not None:
+            kl_penalty = self.objective.sequence_kl(batch.old_logprobs, batch.reference_logprobs,
+                                                    batch.completion_mask)
+        batch.advantages = self.objective.advantages(batch.rewards, self.config.rollout.group_size, kl_penalty)
+
+    def _log_environment_errors(self, batch: RolloutBatch) -> None:
+        errors = [info["env_error"] for info in batch.reward_infos if info.get("env_error")]
+        for problem, info in zip(batch.problems, batch.reward_infos):
+            if info.get("env_error"):
+                self.state.reward_errors += 1
+                log.warning("environment failed (%s) in episode %s", info["env_error"], problem.meta.get("env_seed"))
+                with open(self._reward_errors_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"batch": self.state.batch, "prompt": problem.prompt,
+                                        "episode_seed": problem.meta.get("env_seed"),
+                                        "error": info["env_error"]}) + "\n")
+        self._check_rewards_alive(errors, batch.size)
+
+    def _score_completions(self, batch: RolloutBatch) -> None:
         rewards, errors = [], []
         for problem, text in zip(batch.problems, batch.completions):
             reward, info = safe_reward(self.task, text, problem.answer, self.config.task.reward_timeout_s, problem)
@@ -238,11 +289,6 @@ class GRPOTrainer:
             batch.reward_infos.append(info)
         self._check_rewards_alive(errors, len(rewards))
         batch.rewards = torch.tensor(rewards, device=self.device)
-        kl_penalty = None
-        if batch.reference_logprobs is not None and batch.old_logprobs is not None:
-            kl_penalty = self.objective.sequence_kl(batch.old_logprobs, batch.reference_logprobs,
-                                                    batch.completion_mask)
-        batch.advantages = self.objective.advantages(batch.rewards, self.config.rollout.group_size, kl_penalty)
 
     def _check_rewards_alive(self, errors: list[str], samples: int) -> None:
         """A reward that fails on every sample teaches nothing: after task.max_failed_batches such batches in a
@@ -328,7 +374,8 @@ class GRPOTrainer:
         total_tokens = float(batch.completion_mask.sum().clamp(min=1.0))
         # Aggregation weights come from the whole batch, so micro-batches add up to it exactly.
         weights, norms = self.objective.token_weights(batch.completion_mask, cfg.rollout.group_size,
-                                                      cfg.rollout.max_new_tokens)
+                                                      cfg.agent.max_episode_tokens if self.episodic
+                                                      else cfg.rollout.max_new_tokens)
         total_norm = float(norms.sum())
         size = cfg.train.micro_batch_size or batch.size
         first_pass = batch.old_logprobs is None  # π_θ = π_old here: this forward scores π_old
@@ -468,6 +515,7 @@ class GRPOTrainer:
             "gate/discards": self.gate.discards_by_reason.get("zscore", 0),
             "reuse/stops": sum(self.rule.stops_by_reason.values()),
             "actor/updates": self.state.updates,
+            **(episode_statistics(batch) if self.episodic else {}),
         })
 
     # Held-out accuracy as mean@k (paper: mean@16), on its own RNG so training sampling is unaffected.
@@ -488,6 +536,9 @@ class GRPOTrainer:
             for i in range(0, count, chunk):
                 batch = self.sampler.sample(problems[i:i + chunk], cfg.eval.samples, cfg.rollout.max_new_tokens,
                                             cfg.eval.temperature, 1.0)
+                if batch.rewards is not None:  # episodes, scored by their environment
+                    rewards += batch.rewards.tolist()
+                    continue
                 for problem, text in zip(batch.problems, batch.completions):
                     rewards.append(float(safe_reward(self.task, text, problem.answer, cfg.task.reward_timeout_s, problem)[0]))
         accuracy = sum(rewards) / len(rewards)

@@ -17,6 +17,8 @@ def resolve_prompt_format(config: TaskConfig, chat_template: bool) -> TaskConfig
     check_task_name(config.name)
     if chat_template:
         chosen = "chat"
+    elif config.name in _environment_names():
+        chosen = "instruct"  # an observation is shown as it is
     elif config.name == MATH_TASK_NAME:
         chosen = "bare"
     else:
@@ -25,17 +27,25 @@ def resolve_prompt_format(config: TaskConfig, chat_template: bool) -> TaskConfig
     return dataclasses.replace(config, prompt_format=chosen)
 
 
+def _environment_names() -> list[str]:
+    from dgg.agents.env import environment_names
+
+    return environment_names()
+
+
 def check_task_name(name: str) -> None:
-    if name != MATH_TASK_NAME and name not in reasoning_gym_names():
+    if name != MATH_TASK_NAME and name not in _environment_names() and name not in reasoning_gym_names():
         names = reasoning_gym_names()
         raise UserError(
-            f"unknown task.name {name!r}: valid names are {MATH_TASK_NAME!r} and the reasoning-gym datasets "
-            f"({len(names)}, also listed by dgg.tasks.reasoning_gym_names()): {', '.join(names)}"
+            f"unknown task.name {name!r}: valid names are {MATH_TASK_NAME!r}, the environments "
+            f"({', '.join(_environment_names())}) and the reasoning-gym datasets ({len(names)}, also listed by "
+            f"dgg.tasks.reasoning_gym_names()): {', '.join(names)}"
         )
 
 
 def make_task(config: TaskConfig) -> Task:
-    """The task named by ``config.name``: ``"math"`` or any reasoning-gym dataset name.
+    """The task named by ``config.name``: ``"math"``, an environment (``dgg.agents``), or any reasoning-gym
+    dataset name.
 
     ``prompt_format="auto"`` is resolved as for a model without a chat template; a trainer that knows its
     tokenizer calls :func:`resolve_prompt_format` first."""
@@ -43,4 +53,9 @@ def make_task(config: TaskConfig) -> Task:
     config = resolve_prompt_format(config, chat_template=False)
     if config.name == MATH_TASK_NAME:
         return MathTask(config)
+    if config.name in _environment_names():
+        from dgg.agents.env import EnvironmentTask
+
+        return EnvironmentTask(config.name, config.options, config.seed, config.test_size,
+                               chat=config.prompt_format == "chat")
     return ReasoningGymTask(config)
