@@ -35,18 +35,24 @@ def check_reward_spec(spec: str) -> None:
 def load_reward_function(spec: str):
     """The function named by ``module:function``; the working directory is importable, as for ``python -m``."""
     check_reward_spec(spec)
-    module_name, function_name = spec.split(":")
+    function = import_named(spec, "task.reward")
+    if not callable(function):
+        raise UserError(f"task.reward {spec!r}: {spec.split(':')[0]} has no function {spec.split(':')[1]!r}")
+    return function
+
+
+def import_named(spec: str, field: str):
+    """The attribute named by ``module:name`` (None if the module lacks it), with the working directory
+    importable; a module that cannot be imported is a UserError naming ``field``."""
+    module_name, name = spec.split(":")
     if os.getcwd() not in sys.path:  # spawned reward processes inherit sys.path, so they find it too
         sys.path.insert(0, os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as err:
-        raise UserError(f"task.reward {spec!r}: cannot import {module_name!r} ({err}); put {module_name}.py in "
+        raise UserError(f"{field} {spec!r}: cannot import {module_name!r} ({err}); put {module_name}.py in "
                         "the working directory or install it") from None
-    function = getattr(module, function_name, None)
-    if not callable(function):
-        raise UserError(f"task.reward {spec!r}: {module_name} has no function {function_name!r}")
-    return function
+    return getattr(module, name, None)
 
 
 class CustomReward:

@@ -8,6 +8,7 @@ GRPO compares like with like.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
@@ -34,6 +35,7 @@ class Environment(Protocol):
 
 
 ENVIRONMENTS: dict[str, Callable[..., Environment]] = {}
+USER_ENVIRONMENT = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 
 
 def register_environment(name: str):
@@ -50,11 +52,26 @@ def environment_names() -> list[str]:
     return sorted(ENVIRONMENTS)
 
 
+def is_environment_name(name: str) -> bool:
+    """A bundled environment's name, or ``module:Class`` (your own, importable from the working directory)."""
+    return name in environment_names() or bool(USER_ENVIRONMENT.fullmatch(name))
+
+
 def make_environment(name: str, options: dict) -> Environment:
-    if name not in environment_names():
-        raise UserError(f"unknown environment {name!r}; valid names are: {', '.join(environment_names())}")
+    if USER_ENVIRONMENT.fullmatch(name):
+        from dgg.rewards import import_named
+
+        factory = import_named(name, "task.name")
+        if not callable(factory):
+            raise UserError(f"task.name {name!r}: {name.split(':')[0]} has no environment class "
+                            f"{name.split(':')[1]!r}")
+    elif name in environment_names():
+        factory = ENVIRONMENTS[name]
+    else:
+        raise UserError(f"unknown environment {name!r}; valid names are: {', '.join(environment_names())}, "
+                        "or module:Class for your own")
     try:
-        return ENVIRONMENTS[name](**options)
+        return factory(**options)
     except TypeError as err:  # an option the environment does not take
         raise UserError(f"task.options for environment {name!r}: {err}") from err
 

@@ -17,7 +17,7 @@ def resolve_prompt_format(config: TaskConfig, chat_template: bool) -> TaskConfig
     check_task_name(config.name)
     if chat_template:
         chosen = "chat"
-    elif config.name in _environment_names():
+    elif _is_environment(config.name):
         chosen = "instruct"  # an observation is shown as it is
     elif config.name == MATH_TASK_NAME:
         chosen = "bare"
@@ -33,13 +33,19 @@ def _environment_names() -> list[str]:
     return environment_names()
 
 
+def _is_environment(name: str) -> bool:
+    from dgg.agents.env import is_environment_name
+
+    return is_environment_name(name)
+
+
 def check_task_name(name: str) -> None:
-    if name != MATH_TASK_NAME and name not in _environment_names() and name not in reasoning_gym_names():
+    if name != MATH_TASK_NAME and not _is_environment(name) and name not in reasoning_gym_names():
         names = reasoning_gym_names()
         raise UserError(
             f"unknown task.name {name!r}: valid names are {MATH_TASK_NAME!r}, the environments "
-            f"({', '.join(_environment_names())}) and the reasoning-gym datasets ({len(names)}, also listed by "
-            f"dgg.tasks.reasoning_gym_names()): {', '.join(names)}"
+            f"({', '.join(_environment_names())}, or module:Class for your own) and the reasoning-gym datasets "
+            f"({len(names)}, also listed by dgg.tasks.reasoning_gym_names()): {', '.join(names)}"
         )
 
 
@@ -53,7 +59,7 @@ def make_task(config: TaskConfig) -> Task:
     config = resolve_prompt_format(config, chat_template=False)
     if config.name == MATH_TASK_NAME:
         return MathTask(config)
-    if config.name in _environment_names():
+    if _is_environment(config.name):
         from dgg.agents.env import EnvironmentTask
 
         return EnvironmentTask(config.name, config.options, config.seed, config.test_size,
