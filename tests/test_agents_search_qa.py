@@ -79,3 +79,19 @@ def test_bad_options_and_own_data(tmp_path):
     questions.write_text('{"question": "no answer"}\n')
     with pytest.raises(UserError, match=r"questions.jsonl, line 1: needs string field\(s\) answer"):
         make_environment("search_qa", {"questions": str(questions), "corpus": str(corpus)})
+
+
+def test_easier_levels_show_results_first_and_accept_an_untagged_sentence():
+    env = make_environment("search_qa", {"hops": 1, "people": 30, "first_search": True, "untagged": "answer",
+                                         "reward": "contains", "example": True})
+    first = env.reset(2)
+    person = env.question.lookups[0]
+    assert "Example." in first and "<information>" in first.split("Question:")[-1] and person in first
+    result = env.step(f"{person} lives in {env.question.answer}, I believe.")
+    assert result.done and result.reward == 1.0
+    env.reset(2)
+    assert env.step("I do not know").reward == 0.0
+    env.reset(2)
+    assert not env.step("<search>x").done  # a search tag is still a search
+    with pytest.raises(UserError, match="untagged must be invalid or answer"):
+        make_environment("search_qa", {"untagged": "maybe"})

@@ -4,6 +4,10 @@ The policy replies ``<search>query</search>`` to retrieve passages (shown back b
 and ``<answer>text</answer>`` to end the episode; the reward is exact match (or token F1) against the truth.
 Offline by default: a generated world of people, cities, countries and companies, one fact per passage,
 indexed with bm25s; ``hops: 2`` questions need two look-ups (the person's city, then the city's country).
+Easier levels for small models: ``example: true`` adds one worked exchange to the instructions,
+``first_search: true`` shows the question's own search results in the first observation, ``untagged: answer``
+takes a reply with neither tag as the answer, and ``reward: contains`` accepts an answer whose words include
+the truth's.
 Bring your own corpus and questions with ``corpus`` (a JSONL file of {"text": ...}) and ``questions`` (JSONL of
 {"question": ..., "answer": ...}).
 """
@@ -24,6 +28,8 @@ from dgg.errors import UserError, utf8_lines
 INSTRUCTIONS = ("Answer the question. To look something up, reply with <search>your query</search>; the results "
                 "come back between <information> and </information>. When you know the answer, reply with "
                 "<answer>the answer</answer>.")
+EXAMPLE = ("Example. Question: In which city was Ada Stone born?\nYou: <search>Ada Stone</search>\n"
+           "<information>\nDoc 1: Ada Stone was born in Lima.\n</information>\nYou: <answer>Lima</answer>")
 SEARCH = re.compile(r"<search>(.*?)(?:</search>|$)", re.DOTALL)
 ANSWER = re.compile(r"<answer>(.*?)(?:</answer>|$)", re.DOTALL)
 
@@ -150,42 +156,61 @@ class SearchQA:
     """One question per episode, drawn from the seed; searches until an answer or the turn limit."""
 
     def __init__(self, hops: int = 2, people: int = 200, world_seed: int = 0, top_k: int = 3, reward: str = "em",
-                 corpus: str | None = None, questions: str | None = None):
+                 corpus: str | None = None, questions: str | None = None, example: bool = False,
+                 first_search: bool = False, untagged: str = "invalid"):
         if hops not in (1, 2):
             raise UserError(f"task.options.hops must be 1 or 2 (got {hops!r})")
-        if reward not in ("em", "f1"):
-            raise UserError(f"task.options.reward must be em or f1 (got {reward!r})")
+        if reward not in ("em", "f1", "contains"):
+            raise UserError(f"task.options.reward must be em, f1 or contains (got {reward!r})")
+        if untagged not in ("invalid", "answer"):
+            raise UserError(f"task.options.untagged must be invalid or answer (got {untagged!r})")
         if not isinstance(top_k, int) or top_k < 1:
             raise UserError(f"task.options.top_k must be an integer >= 1 (got {top_k!r})")
         if not isinstance(people, int) or people < 2:
             raise UserError(f"task.options.people must be an integer >= 2 (got {people!r})")
         self.retriever, one_hop, two_hop = _world(world_seed, people, corpus, questions)
         self.questions = one_hop if hops == 1 else two_hop
-        self.top_k, self.reward_kind = top_k, reward
+        self.top_k, self.reward_kind, self.first_search, self.untagged = top_k, reward, first_search, untagged
+        self.instructions = f"{INSTRUCTIONS}\n{EXAMPLE}" if example else INSTRUCTIONS  # a worked exchange helps small models
         self.question: Question | None = None
         self.searches = 0
 
     def reset(self, seed: int) -> str:
         self.question = self.questions[random.Random(seed).randrange(len(self.questions))]
         self.searches = 0
-        return f"{INSTRUCTIONS}\nQuestion: {self.question.text}"
+        first = f"{self.instructions}\nQuestion: {self.question.text}"
+        if self.first_search:  # the question's own results, as if it had been searched once
+            first += "\n" + self._information(self.question.text)
+        return first
 
     def step(self, action: str) -> StepResult:
         if self.question is None:
             raise RuntimeError("step before reset")
         answer, search = ANSWER.search(action), SEARCH.search(action)
         if answer is not None and (search is None or answer.start() < search.start()):
-            given = answer.group(1).strip()
-            score = token_f1(given, self.question.answer) if self.reward_kind == "f1" \
-                else float(normalise(given) == normalise(self.question.answer))
-            return StepResult("", score, True, {"answer": given, "searches": self.searches})
+            return self._score(answer.group(1).strip())
         if search is not None and search.group(1).strip():
             self.searches += 1
-            found = self.retriever.search(search.group(1).strip(), self.top_k)
-            listing = "\n".join(f"Doc {i}: {text}" for i, text in enumerate(found, 1)) or "No results."
-            return StepResult(f"<information>\n{listing}\n</information>")
+            return StepResult(self._information(search.group(1).strip()))
+        if self.untagged == "answer" and search is None and action.strip():
+            return self._score(action.strip())
         return StepResult("Invalid reply: write <search>your query</search> to look something up, or "
                           "<answer>the answer</answer> to finish.", 0.0, False, {"invalid": True})
+
+    def _information(self, query: str) -> str:
+        found = self.retriever.search(query, self.top_k)
+        listing = "\n".join(f"Doc {i}: {text}" for i, text in enumerate(found, 1)) or "No results."
+        return f"<information>\n{listing}\n</information>"
+
+    def _score(self, given: str) -> StepResult:
+        truth = self.question.answer
+        if self.reward_kind == "f1":
+            score = token_f1(given, truth)
+        elif self.reward_kind == "contains":  # the truth's words appear in order, e.g. in a whole sentence
+            score = float(f" {normalise(truth)} " in f" {normalise(given)} ")
+        else:
+            score = float(normalise(given) == normalise(truth))
+        return StepResult("", score, True, {"answer": given, "searches": self.searches})
 
     def expert_action(self, step: int) -> str:
         """The next reply of a policy that knows the look-ups (generated worlds only): search each, then answer."""
