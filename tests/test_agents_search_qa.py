@@ -77,7 +77,7 @@ def test_bad_options_and_own_data(tmp_path):
     assert "Rome is the capital of Italy." in env.step("<search>capital Italy</search>").observation
     assert env.step("<answer>Rome</answer>").reward == 1.0
     questions.write_text('{"question": "no answer"}\n')
-    with pytest.raises(UserError, match=r"questions.jsonl, line 1: needs string field\(s\) answer"):
+    with pytest.raises(UserError, match=r"questions.jsonl, line 1: missing field .answer."):
         make_environment("search_qa", {"questions": str(questions), "corpus": str(corpus)})
 
 

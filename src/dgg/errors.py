@@ -27,6 +27,22 @@ def utf8_lines(path: str | Path):
                 yield number, line
 
 
+def jsonl_objects(path: str | Path, required: tuple[str, ...] = ()):
+    """``(line number, object)`` of each non-blank line of a JSONL file; a line that is not a JSON object, or that
+    lacks a ``required`` field, is a UserError naming the file and the line."""
+    for number, line in utf8_lines(path):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise UserError(f"{path}, line {number}: not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise UserError(f"{path}, line {number}: expected a JSON object, got {type(record).__name__}")
+        for name in required:
+            if name not in record:
+                raise UserError(f"{path}, line {number}: missing field {name!r} (has {sorted(record)})")
+        yield number, record
+
+
 def read_json_file(path: str | Path, what: str) -> object:
     """A JSON file's content, or a UserError that names the file (missing, not UTF-8, or not JSON)."""
     path = Path(path)

@@ -14,7 +14,6 @@ Bring your own corpus and questions with ``corpus`` (a JSONL file of {"text": ..
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -23,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dgg.agents.env import StepResult, register_environment
-from dgg.errors import UserError, utf8_lines
+from dgg.errors import UserError, jsonl_objects
 
 INSTRUCTIONS = ("Answer the question. To look something up, reply with <search>your query</search>; the results "
                 "come back between <information> and </information>. When you know the answer, reply with "
@@ -121,14 +120,9 @@ def _load_jsonl(path: str, fields: tuple[str, ...]) -> list[dict]:
     if not Path(path).is_file():
         raise UserError(f"task.options: no file {path}")
     rows = []
-    for number, line in utf8_lines(path):
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise UserError(f"{path}, line {number}: not JSON ({err.msg})") from err
-        missing = [f for f in fields if not isinstance(row.get(f) if isinstance(row, dict) else None, str)]
-        if missing:
-            raise UserError(f"{path}, line {number}: needs string field(s) {', '.join(missing)}")
+    for number, row in jsonl_objects(path, fields):
+        if not all(isinstance(row[f], str) for f in fields):
+            raise UserError(f"{path}, line {number}: {', '.join(fields)} must be strings")
         rows.append(row)
     if not rows:
         raise UserError(f"{path} holds no rows")

@@ -3,14 +3,13 @@ MATH-500, ...), scored with math-verify against the completion's final answer.""
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections import OrderedDict
 from collections.abc import Callable
 from functools import lru_cache
 
-from dgg.errors import UserError, utf8_lines
+from dgg.errors import UserError, jsonl_objects
 from dgg.tasks.answers import gsm8k_ground_truth, last_boxed, last_number
 from dgg.tasks.base import (
     MATH_INSTRUCTION,
@@ -33,20 +32,7 @@ def read_jsonl_rows(path: str, question_field: str, answer_field: str) -> list[d
     if not os.path.isfile(path):
         raise UserError(f"math task file not found: {path} (task.path)")
     rows = []
-    for line_number, line in utf8_lines(path):
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise UserError(f"{path}, line {line_number}: not valid JSON ({error})") from None
-        if not isinstance(record, dict):
-            raise UserError(
-                f"{path}, line {line_number}: expected a JSON object, got {type(record).__name__}"
-            )
-        for name in (question_field, answer_field):
-            if name not in record:
-                raise UserError(
-                    f"{path}, line {line_number}: missing field {name!r} (has {sorted(record)})"
-                )
+    for _, record in jsonl_objects(path, (question_field, answer_field)):
         rows.append({"question": str(record[question_field]), "answer": str(record[answer_field])})
     if not rows:
         raise UserError(f"math task file {path} holds no rows")
