@@ -6,7 +6,7 @@ PY    := $(VENV)/bin/python
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.dgg-installed
 
-.PHONY: demo test install lint clean
+.PHONY: demo test test-verl install lint clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -22,11 +22,26 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/dgg demo
 
-test: $(STAMP)
+test: $(STAMP) $(STAMP_VERL)
 	$(PY) -m pytest -q
+	$(VENV_VERL)/bin/python -m pytest -q -p no:cacheprovider tests_verl
+
+# verl pins transformers and tensordict, and its FSDP engine imports TRL when TRL is present, so the verl
+# adapter is tested in an environment of its own, on verl's real actor update loop (CPU, gloo; tests_verl/).
+VENV_VERL  ?= .venv-verl
+STAMP_VERL := $(VENV_VERL)/.dgg-installed
+
+$(STAMP_VERL): pyproject.toml
+	test -x $(VENV_VERL)/bin/python || python3 -m venv $(VENV_VERL)
+	$(VENV_VERL)/bin/python -m pip install -q "$(TORCH)"
+	$(VENV_VERL)/bin/python -m pip install -q -e ".[verl]" "pytest>=8"
+	@touch $(STAMP_VERL)
+
+test-verl: $(STAMP_VERL)
+	$(VENV_VERL)/bin/python -m pytest -q -p no:cacheprovider tests_verl
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests
+	$(VENV)/bin/ruff check src tests tests_verl
 
 clean:
 	rm -rf runs/demo .pytest_cache

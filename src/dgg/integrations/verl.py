@@ -1,0 +1,268 @@
+"""Dynamic Gradient Gating inside verl (tested on verl 0.9.1, the model-engine worker path).
+
+Turning DGG on in an existing verl GRPO run is one module and two settings::
+
+    VERL_USE_EXTERNAL_MODULES=dgg.integrations.verl      # importing it installs the worker below
+    actor_rollout_ref.actor.ppo_epochs=4                 # K of Algorithm 1
+    DGG_TAU=0.5                                          # optional; DGG_RULE, DGG_WINDOW, ... (see docs/verl.md)
+
+Both environment variables must reach every Ray worker (``+ray_kwargs.ray_init.runtime_env.env_vars.NAME=...``).
+
+Where it hooks. verl's actor update is ``TrainingWorker.train_mini_batch``: it cuts one rollout batch into
+mini-batches and iterates over them ``ppo_epochs`` times, calling ``train_batch`` → ``engine.train_batch`` →
+``engine.optimizer_step`` once per mini-batch. :class:`DGGTrainingWorker` wraps ``engine.optimizer_step``: after
+the last backward of a mini-batch, with gradients reduced across data-parallel ranks and before clipping, it
+reads the lm_head gradient energy (:class:`dgg.LMHeadGradProbe`, exact on FSDP2 shards), asks the reuse rule,
+and broadcasts rank 0's decision so that every rank acts alike. On a drop the gradients are cleared and the
+optimizer is not called (AdamW's moments and step count stay untouched); the remaining mini-batches of that
+rollout batch are skipped without a forward or backward, but the loop still runs on every rank (so verl's own
+collectives stay matched) and the LR scheduler is stepped exactly where verl steps it.
+
+k of Algorithm 1 is the epoch: the i-th optimizer step of a batch (0-based) with m mini-batches per epoch has
+k = i // m + 1, so with one mini-batch per epoch every step is one pass, as in the paper.
+
+The rule sees the lm_head energy, whether any advantage in the mini-batch is non-zero, and verl's own loss
+metrics (``actor/ppo_kl``, Spinning Up's k1 estimate, and ``actor/pg_clipfrac``) averaged over micro-batches
+and ranks; SB3's k3 KL is not computed by verl, so ``kl`` here needs ``DGG_KL_ESTIMATOR=k1``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import fields
+
+try:
+    import verl  # noqa: F401  (first: verl itself imports this module when named in VERL_USE_EXTERNAL_MODULES)
+    from verl.single_controller.base.decorator import make_nd_compute_dataproto_dispatch_fn, register
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.engine_workers import ActorRolloutRefWorker, TrainingWorker
+except ImportError as error:  # verl is an optional extra with its own pins
+    raise ImportError("dgg.integrations.verl needs verl, an optional extra of dgg: pip install dgg[verl] "
+                      "(in its own environment: verl pins transformers and tensordict)") from error
+
+import torch
+import torch.distributed as dist
+
+from dgg.errors import UserError
+from dgg.probe import LMHeadGradProbe
+from dgg.reuse_rules import AttemptSignals, RuleSettings, Verdict, make_rule, parse_rule_names
+
+STATE_FILE = "dgg_rule_state.json"
+ENV_PREFIX = "DGG_"
+
+
+def reuse_index(step_in_batch: int, mini_batches_per_epoch: int) -> int:
+    """k (1-based) of the ``step_in_batch``-th (0-based) optimizer step of one rollout batch."""
+    return step_in_batch // mini_batches_per_epoch + 1
+
+
+def mini_batches_per_epoch(batch_size_per_rank: int, mini_batch_size: int | None, num_mini_batch: int | None,
+                           data_parallel_size: int) -> int:
+    """How many optimizer steps one epoch over the batch takes, computed as ``train_mini_batch`` cuts it."""
+    if mini_batch_size is None:
+        return num_mini_batch
+    return batch_size_per_rank // (mini_batch_size // data_parallel_size)
+
+
+def settings_from_environment(environ=os.environ) -> tuple[str, RuleSettings, str]:
+    """(rule spec, rule settings, tied-lm_head mode) from ``DGG_RULE``, ``DGG_TAU``, ``DGG_WINDOW``, ...
+
+    Every field of :class:`dgg.reuse_rules.RuleSettings` has a variable ``DGG_<FIELD>``; unset ones keep the
+    defaults (the paper's rule, τ = 0.5, W = 20). Bad values raise :class:`UserError` naming the variable.
+    """
+    spec = environ.get(f"{ENV_PREFIX}RULE", "dgg")
+    try:
+        parse_rule_names(spec)
+    except ValueError as error:
+        raise UserError(f"{ENV_PREFIX}RULE: {error}") from None
+    values = {}
+    for field in fields(RuleSettings):
+        name = f"{ENV_PREFIX}{field.name.upper()}"
+        if name not in environ:
+            continue
+        kind = type(field.default)
+        try:
+            values[field.name] = kind(environ[name])
+        except ValueError:
+            raise UserError(f"{name}={environ[name]!r} is not a valid {kind.__name__}") from None
+    settings = RuleSettings(**values)
+    if "kl" in parse_rule_names(spec) and settings.kl_estimator != "k1":
+        raise UserError(f"{ENV_PREFIX}RULE=kl under verl needs {ENV_PREFIX}KL_ESTIMATOR=k1: verl logs Spinning Up's "
+                        "k1 estimate (actor/ppo_kl), not SB3's k3")
+    if "m2" in parse_rule_names(spec):
+        raise UserError(f"{ENV_PREFIX}RULE: the m2 rule needs mean((log r)^2), which verl's loss does not report; "
+                        "valid under verl: dgg, kl, clip, nosignal, none")
+    tied = environ.get(f"{ENV_PREFIX}TIED", "output")
+    return spec, settings, tied
+
+
+def _mean_over_ranks(value: float, group) -> float:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+    return float(tensor.item()) / dist.get_world_size(group)
+
+
+def _any_over_ranks(flag: bool, group) -> bool:
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return flag
+    tensor = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return bool(tensor.item() > 0)
+
+
+def _rank_zero_decides(apply: bool) -> bool:
+    """Every rank computes the same energy, but only one answer may act: rank 0's, broadcast."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return apply
+    tensor = torch.tensor([1 if apply else 0], dtype=torch.int32)
+    dist.broadcast(tensor, src=0)
+    return bool(tensor.item())
+
+
+class _LossSignals:
+    """Wraps verl's loss function to keep, per optimizer step, what the rules read from it."""
+
+    def __init__(self, loss_fn):
+        self.loss_fn = loss_fn
+        self.reset()
+
+    def reset(self) -> None:
+        self.kl, self.clip, self.has_signal = [], [], False
+
+    def __call__(self, *args, **kwargs):
+        loss, metrics = self.loss_fn(*args, **kwargs)
+        data = kwargs["data"] if "data" in kwargs else args[1]
+        for key, store in (("actor/ppo_kl", self.kl), ("actor/pg_clipfrac", self.clip)):
+            metric = metrics.get(key)
+            if metric is not None:
+                store.append(float(metric.aggregate() if hasattr(metric, "aggregate") else metric))
+        advantages = data.select("advantages").to_padded_tensor()["advantages"] if "advantages" in data else None
+        self.has_signal |= advantages is None or bool((advantages != 0).any())
+        return loss, metrics
+
+
+class DGGTrainingWorker(TrainingWorker):
+    """verl's actor ``TrainingWorker`` with a reuse rule (the paper's gate by default) before every optimizer step."""
+
+    def __init__(self, config, rule_spec: str | None = None, settings: RuleSettings | None = None,
+                 tied: str | None = None):
+        super().__init__(config)
+        env_spec, env_settings, env_tied = settings_from_environment()
+        self.dgg_rule = make_rule(rule_spec or env_spec, settings or env_settings)
+        self._tied = tied or env_tied
+        self._probe = None
+        self._step_in_batch, self._per_epoch, self._stopped = 0, 1, False
+        self._last: dict = {}
+
+    # -- verl's entry points ------------------------------------------------------------------------------
+    def set_loss_fn(self, loss_fn):
+        self.loss_fn = _LossSignals(loss_fn)
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
+    def train_mini_batch(self, data):
+        self._attach()
+        self._per_epoch = mini_batches_per_epoch(
+            data.shape[0], tu.get(data, key="mini_batch_size", default=None),
+            tu.get(data, key="num_mini_batch", default=None), self.engine.get_data_parallel_size())
+        self._step_in_batch, self._stopped = 0, False
+        return super().train_mini_batch(data)
+
+    @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
+    def train_batch(self, data):
+        if self._stopped:
+            return self._skipped_mini_batch(data)
+        self.loss_fn.reset()
+        output = super().train_batch(data)
+        if output is not None:
+            tu.get(output, "metrics").update(self._last)
+        return output
+
+    def save_checkpoint(self, local_path, *args, **kwargs):
+        result = super().save_checkpoint(local_path, *args, **kwargs)
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            os.makedirs(local_path, exist_ok=True)
+            partial = os.path.join(local_path, STATE_FILE + ".partial")
+            with open(partial, "w", encoding="utf-8") as handle:
+                json.dump(self.dgg_rule.state_dict(), handle)
+            os.replace(partial, os.path.join(local_path, STATE_FILE))  # never a half-written state
+        return result
+
+    def load_checkpoint(self, local_path, *args, **kwargs):
+        result = super().load_checkpoint(local_path, *args, **kwargs)
+        path = os.path.join(local_path, STATE_FILE) if local_path else None
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as handle:
+                self.dgg_rule.load_state_dict(json.load(handle))
+        return result
+
+    # -- the gate -----------------------------------------------------------------------------------------
+    def _attach(self) -> None:
+        """Once the engine has built its FSDP module: the probe on it, and the gated optimizer step."""
+        if self._probe is not None:
+            return
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        if isinstance(self.engine.module, FullyShardedDataParallel):
+            raise UserError("dgg.integrations.verl: FSDP version 1 flattens parameters, so the lm_head gradient "
+                            "cannot be read exactly; use actor_rollout_ref.actor.strategy=fsdp2")
+        self._probe = LMHeadGradProbe(self.engine.module, tied=self._tied)
+        self._verl_optimizer_step = self.engine.optimizer_step
+        self.engine.optimizer_step = self._gated_optimizer_step
+
+    def _signals(self) -> AttemptSignals:
+        group = self.engine.get_data_parallel_group()
+        loss = self.loss_fn
+        kl = _mean_over_ranks(sum(loss.kl) / len(loss.kl), group) if loss.kl else None
+        clip = _mean_over_ranks(sum(loss.clip) / len(loss.clip), group) if loss.clip else None
+        return AttemptSignals(reuse_index=reuse_index(self._step_in_batch, self._per_epoch),
+                              lm_head_energy=float(self._probe.energy()),
+                              log_ratio_mean=None if kl is None else -kl, clip_fraction=clip,
+                              has_signal=_any_over_ranks(loss.has_signal, group))
+
+    def _gated_optimizer_step(self):
+        signals = self._signals()
+        verdict = self.dgg_rule.decide(signals)
+        apply = _rank_zero_decides(verdict.apply)
+        if apply != verdict.apply:  # only if ranks disagreed; rank 0's answer holds everywhere
+            verdict = Verdict(apply, None if apply else "rank0", verdict.values)
+        self.dgg_rule.record(signals, verdict)
+        self._step_in_batch += 1
+        self._last = {"dgg/reuse_index": signals.reuse_index, "dgg/lm_head_grad_energy": signals.lm_head_energy,
+                      "dgg/stop": float(not apply),
+                      "dgg/discard": float(not apply and str(verdict.reason).startswith("dgg")),
+                      **{key: float(value) for key, value in verdict.values.items() if value is not None}}
+        if apply:
+            return self._verl_optimizer_step()
+        grad_norm = self._grad_norm()
+        self.engine.optimizer.zero_grad(set_to_none=True)
+        self._stopped = True
+        return grad_norm
+
+    def _grad_norm(self) -> float:
+        """The pre-clip global gradient norm verl would have logged, without touching the gradients."""
+        parameters = [p for p in self.engine.module.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm=math.inf) if parameters else torch.tensor(0.0)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def _skipped_mini_batch(self, data):
+        """A mini-batch of an abandoned batch: no forward, no backward, the LR schedule kept."""
+        lr = self.engine.lr_scheduler_step() if tu.get(data, key="update_lr_scheduler", default=False) else None
+        self._step_in_batch += 1
+        if not self.engine.is_mp_src_rank_with_outputs():
+            return None
+        metrics = {"dgg/skipped": 1.0, **({"lr": lr} if lr is not None else {})}
+        return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics})
+
+
+def install() -> None:
+    """Make verl's actor use :class:`DGGTrainingWorker` (what importing this module does). The ``DGG_*``
+    settings are checked here, so a bad value stops the launch in the driver, not later in a Ray worker."""
+    settings_from_environment()
+    ActorRolloutRefWorker.actor_worker_cls = DGGTrainingWorker
+
+
+install()
