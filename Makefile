@@ -5,6 +5,10 @@ PY    := $(VENV)/bin/python
 # Any torch >= 2.4 already in the venv is kept.
 TORCH ?= torch==2.13.0
 STAMP := $(VENV)/.dgg-installed
+# verl pins transformers and tensordict, and its FSDP engine imports TRL when TRL is present, so the verl
+# adapter is tested in an environment of its own, on verl's real actor update loop (CPU, gloo; tests_verl/).
+VENV_VERL  ?= .venv-verl
+STAMP_VERL := $(VENV_VERL)/.dgg-installed
 
 .PHONY: demo test test-verl install lint clean
 
@@ -25,11 +29,6 @@ demo: $(STAMP)
 test: $(STAMP) $(STAMP_VERL)
 	$(PY) -m pytest -q
 	$(VENV_VERL)/bin/python -m pytest -q -p no:cacheprovider tests_verl
-
-# verl pins transformers and tensordict, and its FSDP engine imports TRL when TRL is present, so the verl
-# adapter is tested in an environment of its own, on verl's real actor update loop (CPU, gloo; tests_verl/).
-VENV_VERL  ?= .venv-verl
-STAMP_VERL := $(VENV_VERL)/.dgg-installed
 
 $(STAMP_VERL): pyproject.toml
 	test -x $(VENV_VERL)/bin/python || python3 -m venv $(VENV_VERL)
