@@ -105,12 +105,16 @@ class Retriever:
         self.index = bm25s.BM25()
         self.index.index(bm25s.tokenize(passages, stopwords="en", show_progress=False), show_progress=False)
 
-    def search(self, query: str, k: int) -> list[str]:
+    def ranked(self, query: str, k: int) -> list[int]:
+        """Indices of the ``k`` best passages for ``query``, best first."""
         tokens = self._bm25s.tokenize([query], stopwords="en", show_progress=False)
         if not tokens.vocab:  # only stop words
             return []
         ids, _ = self.index.retrieve(tokens, k=min(k, len(self.passages)), show_progress=False)
-        return [self.passages[i] for i in ids[0]]
+        return [int(i) for i in ids[0]]
+
+    def search(self, query: str, k: int) -> list[str]:
+        return [self.passages[i] for i in self.ranked(query, k)]
 
 
 _WORLDS: dict[tuple, tuple[Retriever, list[Question], list[Question]]] = {}
