@@ -1,5 +1,5 @@
 """Multi-turn agent RL: environments (``env``), episodes played in batches and laid out for the trainer
-(``episodes``), and the bundled environments (``search_qa``, ``webshop``)."""
+(``episodes``), and the bundled environments (``alfworld``, ``search_qa``, ``webshop``)."""
 
 from dgg.agents.env import (
     ENVIRONMENTS,

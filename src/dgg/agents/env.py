@@ -47,7 +47,7 @@ def register_environment(name: str):
 
 
 def environment_names() -> list[str]:
-    from dgg.agents import search_qa, webshop  # noqa: F401  (registers the bundled environments)
+    from dgg.agents import alfworld, search_qa, webshop  # noqa: F401  (registers the bundled environments)
 
     return sorted(ENVIRONMENTS)
 

@@ -1,0 +1,159 @@
+import json
+import random
+
+import pytest
+
+from dgg.agents import make_environment
+from dgg.errors import UserError
+
+pytest.importorskip("alfworld")
+pytest.importorskip("fast_downward")
+
+from dgg.agents.alfworld import TASK_TYPES, game_logic, generate_problem  # noqa: E402
+
+
+def play(env, policy, seed, turns=30):
+    env.reset(seed)
+    for step in range(turns):
+        result = env.step(policy(env, step))
+        if result.done:
+            return result
+    return None
+
+
+@pytest.fixture(scope="module")
+def env():
+    return make_environment("alfworld", {})
+
+
+def test_the_planner_expert_wins_every_task_type(env):
+    plans = {}
+    for task_type in TASK_TYPES:
+        single = make_environment("alfworld", {"task_types": [task_type]})
+        for seed in range(4):
+            single.reset(seed)
+            plan = single.expert_plan()
+            result = None
+            for command in plan:
+                result = single.step(command)
+            assert result is not None and result.done and result.reward == 1.0 and result.info["won"], (task_type, seed)
+            assert single.task_type == task_type
+            plans[task_type, seed] = plan
+    assert any("heat" in c for c in plans["pick_heat_then_place_in_recep", 0])
+    assert any(c.startswith("use desklamp") for c in plans["look_at_obj_in_light", 0])
+    assert sum(c.startswith("take") for c in plans["pick_two_obj_and_place", 0]) == 2
+
+
+def test_a_random_policy_mostly_loses(env):
+    rng = random.Random(0)
+    results = [play(env, lambda e, step: rng.choice(e.admissible()), seed, turns=10) for seed in range(30)]
+    assert sum(r is not None and r.reward == 1.0 for r in results) <= 6
+
+
+def test_the_first_observation_is_alfworlds_room_and_task(env):
+    first = env.reset(3)
+    assert "-= Welcome to TextWorld, ALFRED! =-" in first
+    assert "You are in the middle of a room. Looking quickly around you, you see" in first
+    assert "Your task is to: " in first and "UNKNOWN GOAL" not in first
+
+
+def test_malformed_or_impossible_commands_get_an_observation_never_an_exception(env):
+    env.reset(1)
+    for reply in ["", "   ", "I think I should look for the apple first", "fly to the moon", "<|im_end|>"]:
+        result = env.step(reply)
+        assert result.observation.startswith("Nothing happens.") and "one command per reply" in result.observation
+        assert result.info["invalid"] and not result.done and result.reward == 0.0
+    result = env.step("go to moon 1")  # a command of the game's kind that does not apply: ALFWorld's own answer
+    assert result.observation == "Nothing happens." and result.info["invalid"]
+    with pytest.raises(RuntimeError):
+        make_environment("alfworld", {}).step("look")
+
+
+def test_replies_are_read_as_commands(env):
+    env.reset(2)
+    command = env.expert_plan()[0]
+    assert env.read_command(f"> {command.upper()}.\nbecause that is where it is") == command
+    assert env.read_command(f"Action: {command}") == command
+    assert env.read_command(f"I will {command} now") != command  # strict by default
+    lenient = make_environment("alfworld", {"lenient": True})
+    lenient.reset(2)
+    assert lenient.read_command(f"I will {command} now") == command
+    assert not lenient.step(f"Let me {command}, then look around").info["invalid"]
+
+
+def test_episodes_are_deterministic_in_the_seed(env):
+    other = make_environment("alfworld", {})
+    assert env.reset(7) == other.reset(7) and env.expert_plan() == other.expert_plan()
+    assert len({env.reset(seed) for seed in range(12)}) == 12
+
+
+def test_room_size_and_distractors_are_options():
+    def declared(problem, kind):
+        return sum(line.endswith(f" - {kind}") for line in problem["pddl_problem"].splitlines())
+
+    small, large = generate_problem(5, receptacles=3, distractors=0), generate_problem(5, receptacles=12, distractors=10)
+    assert declared(small, "receptacle") == 3 and declared(large, "receptacle") == 12
+    assert declared(small, "object") < declared(large, "object")
+
+
+def test_admissible_commands_can_be_shown():
+    env = make_environment("alfworld", {"show_admissible": True, "task_types": "pick_and_place_simple"})
+    first = env.reset(0)
+    assert "Admissible commands: " in first and "go to " in first.split("Admissible commands: ")[1]
+    result = env.step(env.expert_plan()[0])
+    assert "Admissible commands: " in result.observation
+
+
+def test_bad_options_are_clear_errors():
+    for options, field in [({"task_types": ["pick_and_fly"]}, "task_types"), ({"receptacles": 1}, "receptacles"),
+                           ({"distractors": -1}, "distractors"), ({"games": "/nonexistent/alfworld"}, "games")]:
+        with pytest.raises(UserError, match=field):
+            make_environment("alfworld", options)
+
+
+def write_game(folder, seed, task_type, solvable=True):
+    """A game in the layout of ALFWorld's json_2.1.1: game.tw-pddl (domain, grammar with the task, problem)
+    beside traj_data.json."""
+    domain, grammar = game_logic()
+    problem = generate_problem(seed, [task_type])
+    folder.mkdir(parents=True)
+    (folder / "game.tw-pddl").write_text(json.dumps({
+        "pddl_domain": domain, "grammar": grammar.replace("UNKNOWN GOAL", problem["task"]),
+        "pddl_problem": problem["pddl_problem"], "solvable": solvable}))
+    (folder / "traj_data.json").write_text(json.dumps({"task_type": task_type}))
+    return problem["task"]
+
+
+def test_alfworlds_own_game_files_are_collected_and_played(tmp_path):
+    root = tmp_path / "json_2.1.1" / "train"
+    task = write_game(root / "pick_and_place_simple-Apple-None-CounterTop-1" / "trial_1", 1, "pick_and_place_simple")
+    write_game(root / "pick_heat_then_place_in_recep-Egg-None-Fridge-2" / "trial_1", 2, "pick_heat_then_place_in_recep")
+    write_game(root / "pick_and_place_simple-Mug-None-Shelf-3" / "trial_1", 3, "pick_and_place_simple", solvable=False)
+    write_game(root / "pick_and_place_with_movable_recep-Pen-Mug-Desk-4" / "trial_1", 4, "pick_and_place_simple")
+    env = make_environment("alfworld", {"games": str(root), "task_types": ["pick_and_place_simple"]})
+    assert len(env.games) == 1  # the heat task is filtered out, the unsolvable and the movable one skipped
+    assert f"Your task is to: {task}." in env.reset(0)
+    result = None
+    for command in env.expert_plan():
+        result = env.step(command)
+    assert result.reward == 1.0 and result.done
+    with pytest.raises(UserError, match="no game.tw-pddl"):
+        make_environment("alfworld", {"games": str(root), "task_types": ["look_at_obj_in_light"]})
+
+
+def test_the_trainer_runs_alfworld_episodes(tiny_model_dir, tmp_path):
+    from dgg.config import load_config
+    from dgg.trainer import GRPOTrainer
+
+    config = load_config(None, [f"model.path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", "task.name=alfworld",
+                                "task.options={receptacles: 3, distractors: 1, lenient: true}",
+                                "rollout.prompts_per_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=4",
+                                "agent.max_turns=2", "agent.max_episode_tokens=4000", "eval.every=0",
+                                "profile.weights_every=0", "output.progress=false", "train.threads=1",
+                                "train.max_batches=2", "reuse.mode=dgg", "reuse.max_reuse=2"])
+    trainer = GRPOTrainer(config)
+    trainer.train()
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    rollouts = [r for r in rows if r["kind"] == "rollout"]
+    assert len(rollouts) == 2 and all(0 < r["agent/masked_token_fraction"] < 1 for r in rollouts)
+    assert all(r["agent/env_errors"] == 0 and r["agent/turns_mean"] >= 1 for r in rollouts)
