@@ -32,7 +32,7 @@ from dgg.config import (
 from dgg.energy_split import EnergySplit
 from dgg.loading import load_policy, resolve_device, resolve_model_path  # noqa: F401 (re-exported)
 from dgg.loss import ratio_statistics
-from dgg.precision import autocast, machine_threads
+from dgg.precision import autocast, bf16_warning, machine_threads
 from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse_rules import AttemptSignals, DGGRule, Verdict, make_rule
@@ -127,6 +127,8 @@ class GRPOTrainer:
         self.task = scorable_task(task)
         self.chat = getattr(config.task, "prompt_format", "bare") == "chat"
         self.precision = config.train.precision
+        if (slow := bf16_warning(self.device, self.precision)) is not None:
+            log.warning(slow)
         # π_old is the policy before the batch's first update, so that update's own forward yields log π_old
         # for free — unless mini-batches update in between, or dropout makes train and eval forwards differ.
         self.episodic = bool(getattr(self.task, "is_environment", False))
