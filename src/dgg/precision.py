@@ -13,7 +13,7 @@ import os
 
 import torch
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware multiplies it, else fp32
 
 
 def autocast(device: torch.device, precision: str):
@@ -47,6 +47,15 @@ def bf16_warning(device: torch.device, precision: str, cpuinfo: str | None = Non
         return None
     return ("train.precision=bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated there and runs several "
             "times slower than fp32; set train.precision=fp32 on this machine")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` becomes bf16 on a GPU that supports it or a CPU with avx512_bf16/AMX, and fp32 elsewhere."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
 
 
 def machine_threads() -> int:

@@ -32,7 +32,7 @@ from dgg.config import (
 from dgg.energy_split import EnergySplit
 from dgg.loading import load_policy, resolve_device, resolve_model_path  # noqa: F401 (re-exported)
 from dgg.loss import ratio_statistics
-from dgg.precision import autocast, bf16_warning, machine_threads
+from dgg.precision import autocast, bf16_warning, machine_threads, resolve_precision
 from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse_rules import AttemptSignals, DGGRule, Verdict, make_rule
@@ -126,6 +126,7 @@ class GRPOTrainer:
                 task = CustomReward(task, config.task.reward)
         self.task = scorable_task(task)
         self.chat = getattr(config.task, "prompt_format", "bare") == "chat"
+        config.train.precision = resolve_precision(config.train.precision, self.device)  # saved resolved
         self.precision = config.train.precision
         if (slow := bf16_warning(self.device, self.precision)) is not None:
             log.warning(slow)
