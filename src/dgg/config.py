@@ -260,7 +260,7 @@ class TrainConfig:
     """``fp32``, or ``bf16``: bfloat16 autocast of every forward (sampling, scoring, training, evaluation) over
     float32 master weights; gradients, AdamW's state, the loss reductions and the gate's energy stay float32.
     ``auto``: bf16 where the hardware multiplies it (a GPU with bf16, a CPU with avx512_bf16 or AMX), else fp32
-    (an emulated bf16 is several times slower); the run's config.yaml records what it resolved to."""
+    (an emulated bf16 is slower); the run's config.yaml records what it resolved to."""
 
     def __post_init__(self):
         _check(self.max_batches >= 1, "train.max_batches", "an integer >= 1", self.max_batches)

@@ -27,8 +27,8 @@ def autocast(device: torch.device, precision: str):
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
     """Whether this x86 CPU multiplies bf16 in hardware (avx512_bf16 or AMX); None where /proc/cpuinfo is not
-    there to say. Without it, oneDNN emulates bf16 and a SmolLM2-135M forward+backward ran 3.8x *slower* under
-    bf16 autocast than in fp32 (an avx512 Xeon without avx512_bf16, BENCHMARKS.md)."""
+    there to say. Without it, oneDNN emulates bf16: on an avx512 Xeon without avx512_bf16, SmolLM2-135M's
+    sampling took 1.95x as long under bf16 autocast as in fp32, and a K = 4 trainer batch 1.19x (BENCHMARKS.md)."""
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as handle:
@@ -45,8 +45,8 @@ def bf16_warning(device: torch.device, precision: str, cpuinfo: str | None = Non
     """What to tell a user who asked for bf16 on a CPU that only emulates it."""
     if precision != "bf16" or device.type != "cpu" or cpu_has_native_bf16(cpuinfo) is not False:
         return None
-    return ("train.precision=bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated there and runs several "
-            "times slower than fp32; set train.precision=fp32 on this machine")
+    return ("train.precision=bf16 on a CPU without avx512_bf16 or AMX: bf16 is emulated there and runs slower than "
+            "fp32 (sampling about 2x); set train.precision=fp32 (or auto) on this machine")
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
