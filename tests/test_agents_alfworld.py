@@ -3,6 +3,7 @@ import random
 
 import pytest
 
+from agent_training import train_on_environment
 from dgg.agents import make_environment
 from dgg.errors import UserError
 
@@ -142,18 +143,6 @@ def test_alfworlds_own_game_files_are_collected_and_played(tmp_path):
 
 
 def test_the_trainer_runs_alfworld_episodes(tiny_model_dir, tmp_path):
-    from dgg.config import load_config
-    from dgg.trainer import GRPOTrainer
-
-    config = load_config(None, [f"model.path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", "task.name=alfworld",
-                                "task.options={receptacles: 3, distractors: 1, lenient: true}",
-                                "rollout.prompts_per_batch=2", "rollout.group_size=2", "rollout.max_new_tokens=4",
-                                "agent.max_turns=2", "agent.max_episode_tokens=4000", "eval.every=0",
-                                "profile.weights_every=0", "output.progress=false", "train.threads=1",
-                                "train.max_batches=2", "reuse.mode=dgg", "reuse.max_reuse=2"])
-    trainer = GRPOTrainer(config)
-    trainer.train()
-    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
-    rollouts = [r for r in rows if r["kind"] == "rollout"]
+    rollouts = train_on_environment(tiny_model_dir, tmp_path / "run", "alfworld", "{receptacles: 3, distractors: 1, lenient: true}")
     assert len(rollouts) == 2 and all(0 < r["agent/masked_token_fraction"] < 1 for r in rollouts)
     assert all(r["agent/env_errors"] == 0 and r["agent/turns_mean"] >= 1 for r in rollouts)
