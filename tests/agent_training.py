@@ -1,6 +1,17 @@
-"""Two batches of DGG-reuse training on an environment with the tiny model, for the environments' tests."""
+"""Helpers of the environments' tests: one scripted episode, and two batches of DGG-reuse training on the tiny model."""
 
 import json
+
+
+def play(env, policy, seed, turns=30):
+    """The last step's result of an episode in which ``policy(env, step)`` writes each reply; None if it ran to
+    ``turns`` without ending."""
+    env.reset(seed)
+    for step in range(turns):
+        result = env.step(policy(env, step))
+        if result.done:
+            return result
+    return None
 
 
 def train_on_environment(model_dir, run_dir, name: str, options: str) -> list[dict]:

@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from agent_training import train_on_environment
+from agent_training import play, train_on_environment
 from dgg.agents import make_environment
 from dgg.errors import UserError
 
@@ -11,15 +11,6 @@ pytest.importorskip("alfworld")
 pytest.importorskip("fast_downward")
 
 from dgg.agents.alfworld import TASK_TYPES, game_logic, generate_problem  # noqa: E402
-
-
-def play(env, policy, seed, turns=30):
-    env.reset(seed)
-    for step in range(turns):
-        result = env.step(policy(env, step))
-        if result.done:
-            return result
-    return None
 
 
 @pytest.fixture(scope="module")

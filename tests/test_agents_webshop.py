@@ -3,7 +3,7 @@ import random
 
 import pytest
 
-from agent_training import train_on_environment
+from agent_training import play, train_on_environment
 from dgg.agents import make_environment
 from dgg.agents.webshop import Goal, Product, purchase_reward, type_reward
 from dgg.errors import UserError
@@ -11,18 +11,9 @@ from dgg.errors import UserError
 pytest.importorskip("bm25s")
 
 
-def play(env, policy, seed, turns=10):
-    env.reset(seed)
-    for step in range(turns):
-        result = env.step(policy(env, step))
-        if result.done:
-            return result
-    return None
-
-
 def test_the_expert_buys_the_right_product_with_the_right_options_every_time():
     env = make_environment("webshop", {"products_count": 60})
-    results = [play(env, lambda e, step: e.expert_action(step), seed) for seed in range(60)]
+    results = [play(env, lambda e, step: e.expert_action(step), seed, turns=10) for seed in range(60)]
     assert all(r is not None and r.reward == 1.0 and r.info["success"] for r in results)
     assert len({r.info["bought"] for r in results}) > 20  # the seeds reach many different goals
 
@@ -130,7 +121,7 @@ def test_webshops_own_files_are_read_and_their_goals_built_like_its_synthetic_go
     assert sorted(g.instruction.split(" with ")[1].split(",")[0] for g in env.goals) == ["color: black",
                                                                                           "color: white | grey"]
     assert all(g.price_upper in (40.0, 50.0, 60.0) and "price lower than" in g.instruction for g in env.goals)
-    result = play(env, lambda e, step: e.expert_action(step), seed=0)
+    result = play(env, lambda e, step: e.expert_action(step), seed=0, turns=10)
     assert result.reward == 1.0
     (tmp_path / "attrs.json").write_text(json.dumps({}))
     with pytest.raises(UserError, match="no goals in .*attrs.json"):
