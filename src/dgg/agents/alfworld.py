@@ -20,6 +20,7 @@ command as the first admissible command it contains.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -81,6 +82,7 @@ def _alfworld():
     return constants, goals, textworld, AlfredDemangler, PddlEnv
 
 
+@functools.lru_cache(maxsize=1)
 def game_logic() -> tuple[str, str]:
     """ALFWorld's PDDL domain and text grammar, as its wheel ships them."""
     import importlib.resources
@@ -181,7 +183,8 @@ def generate_problem(seed: int, task_types=TASK_TYPES, receptacles: int = 8, dis
     return {"pddl_problem": problem, "task": task, "task_type": task_type}
 
 
-def collect_games(folder: str, task_types) -> list[str]:
+@functools.lru_cache(maxsize=8)  # every episode builds its own environment: walk a folder of thousands of games once
+def collect_games(folder: str, task_types: tuple[str, ...]) -> tuple[str, ...]:
     """ALFWorld's game files under ``folder``: a ``game.tw-pddl`` beside a ``traj_data.json`` of an allowed task
     type, solvable, and neither movable nor sliced (which ALFWorld's text engine does not support)."""
     root = Path(folder).expanduser()
@@ -202,7 +205,7 @@ def collect_games(folder: str, task_types) -> list[str]:
             games.append(str(game))
     if not games:
         raise UserError(f"task.options.games: no game.tw-pddl of task types {', '.join(task_types)} under {folder}")
-    return games
+    return tuple(games)
 
 
 @register_environment("alfworld")
@@ -220,7 +223,7 @@ class ALFWorld:
         _, _, textworld, demangler, pddl_env = _alfworld()
         self.task_types, self.receptacles, self.distractors = task_types, receptacles, distractors
         self.show_admissible, self.lenient = bool(show_admissible), bool(lenient)
-        self.games = collect_games(games, task_types) if games else None
+        self.games = collect_games(games, tuple(task_types)) if games else None
         self._domain, self._grammar = game_logic()
         self._engine = pddl_env(textworld.EnvInfos(won=True, admissible_commands=True))
         self._env = demangler(self._engine)
