@@ -79,6 +79,28 @@ def test_episodes_are_deterministic_in_the_seed(env):
     assert len({env.reset(seed) for seed in range(12)}) == 12
 
 
+def test_the_shared_logic_engine_plays_exactly_as_textworlds_own(env):
+    # the engine parses a game's logic once per game; the stock PddlEnv re-parses it on every load
+    import textworld
+    from alfworld.agents.environment.alfred_tw_env import AlfredDemangler
+    from textworld.envs.pddl import PddlEnv
+
+    stock = AlfredDemangler(PddlEnv(textworld.EnvInfos(won=True, admissible_commands=True)))
+    for seed in range(3):
+        first = env.reset(seed)
+        game = env._game(seed)
+        game.pop("task_type")
+        stock.load(game)
+        state = stock.reset()
+        assert first.endswith(state.feedback.strip())
+        rng = random.Random(seed)
+        for command in env.expert_plan()[:2] + [rng.choice(env.admissible()) for _ in range(4)]:
+            assert sorted(env.admissible()) == sorted(c for c in state["admissible_commands"] if c != "help")
+            ours = env.step(command)
+            state, _, done = stock.step(command)
+            assert ours.observation == state.feedback.strip() and ours.done == bool(done)
+
+
 def test_room_size_and_distractors_are_options():
     def declared(problem, kind):
         return sum(line.endswith(f" - {kind}") for line in problem["pddl_problem"].splitlines())

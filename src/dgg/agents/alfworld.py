@@ -82,6 +82,48 @@ def _alfworld():
     return constants, goals, textworld, AlfredDemangler, PddlEnv
 
 
+@functools.lru_cache(maxsize=16)
+def parsed_logic(domain: str, grammar: str):
+    """TextWorld's GameLogic for a domain and grammar, parsed once: the G episodes of a group (and the prompt's
+    own reset) play the same game, and parsing the grammar was most of a reset. Play never mutates it."""
+    from textworld.envs.pddl.logic import GameLogic
+
+    return GameLogic(domain=domain, grammar=grammar)
+
+
+@functools.lru_cache(maxsize=16)
+def initial_entities(domain: str, grammar: str, problem: str) -> tuple[tuple[str, str], ...]:
+    """(id, type) of every entity in a problem's initial facts, in the order PddlEnv lists them (the demangler's
+    numbering follows it), from one throwaway PDDL state."""
+    from fast_downward import load_lib
+    from textworld.envs.pddl.logic import PddlState
+
+    state = PddlState(load_lib(), problem, parsed_logic(domain, grammar))
+    return tuple({v.name: (v.name, v.type) for fact in state.facts for v in fact.arguments}.values())
+
+
+@functools.lru_cache(maxsize=1)
+def shared_logic_engine():
+    """TextWorld's PddlEnv with a cheaper ``load``: the stock one parses the grammar and builds a PDDL state only to
+    list the entities, and ``reset`` then builds the state again. Here the logic and the entity list are parsed
+    once per game, and the state is built once, by ``reset``."""
+    from textworld.generator.game import EntityInfo
+
+    pddl_env = _alfworld()[4]
+
+    class SharedLogicPddlEnv(pddl_env):
+        def load(self, data: dict) -> None:
+            self._game_file, self._game_data = None, data
+            self.walkthrough = data.get("walkthrough")
+            self._logic = parsed_logic(data["pddl_domain"], data["grammar"])
+            self._entity_infos = {}
+            for name, kind in initial_entities(data["pddl_domain"], data["grammar"], data["pddl_problem"]):
+                info = self._entity_infos[name] = EntityInfo(name, kind)
+                info.name, info.definite, info.indefinite = name, "the", "a"  # as PddlEnv._get_entity_infos
+
+    return SharedLogicPddlEnv
+
+
 @functools.lru_cache(maxsize=1)
 def game_logic() -> tuple[str, str]:
     """ALFWorld's PDDL domain and text grammar, as its wheel ships them."""
@@ -220,12 +262,12 @@ class ALFWorld:
             raise UserError(f"task.options.receptacles must be an integer from 2 to 14 (got {receptacles!r})")
         if not isinstance(distractors, int) or not 0 <= distractors <= 30:
             raise UserError(f"task.options.distractors must be an integer from 0 to 30 (got {distractors!r})")
-        _, _, textworld, demangler, pddl_env = _alfworld()
+        _, _, textworld, demangler, _ = _alfworld()
         self.task_types, self.receptacles, self.distractors = task_types, receptacles, distractors
         self.show_admissible, self.lenient = bool(show_admissible), bool(lenient)
         self.games = collect_games(games, tuple(task_types)) if games else None
         self._domain, self._grammar = game_logic()
-        self._engine = pddl_env(textworld.EnvInfos(won=True, admissible_commands=True))
+        self._engine = shared_logic_engine()(textworld.EnvInfos(won=True, admissible_commands=True))
         self._env = demangler(self._engine)
         self._state = None
         self.task_type = None
