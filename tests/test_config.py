@@ -56,6 +56,13 @@ def test_bad_values_name_the_field(override, field):
         load_config(None, [override])
 
 
+def test_an_override_that_is_not_yaml_says_how_to_quote_it():
+    with pytest.raises(ConfigError, match=r"task\.instruction: the value is not valid YAML.*YAML quotes"):
+        load_config(None, ["task.instruction=Add them, then write: Answer: N"])
+    config = load_config(None, ['task.instruction="Add them, then write: Answer: N"'])
+    assert config.task.instruction == "Add them, then write: Answer: N"
+
+
 def test_a_missing_config_file_lists_the_bundled_ones(tmp_path):
     with pytest.raises(ConfigError, match="bundled configs: .*smollm2_arith"):
         load_config(tmp_path / "nope.yaml")

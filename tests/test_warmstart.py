@@ -59,6 +59,7 @@ def test_overrides_parse_types_and_dotted_model_keys():
         (["stepz=3"], "stepz"),
         (["model.depth=3"], "depth"),
         (["steps"], "key=value"),
+        (["label_noise=a: b: c"], "label_noise: the value is not valid YAML"),
     ],
 )
 def test_bad_config_names_the_field(overrides, named):

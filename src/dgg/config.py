@@ -466,7 +466,12 @@ def apply_override(data: dict, assignment: str) -> None:
     parts = key.strip().split(".")
     if not all(parts):
         raise ConfigError(f"override {assignment!r} has an empty key part")
-    value = yaml.safe_load(raw) if raw.strip() else ""
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        problem = str(err).splitlines()[0]
+        raise ConfigError(f"override {key.strip()}: the value is not valid YAML ({problem}); a text with ': ' or "
+                          f"'#' in it needs YAML quotes inside the shell's, e.g. {key.strip()}='\"...\"'") from err
     if isinstance(value, str) and _looks_numeric(value):  # YAML 1.1 reads "1e-3" as a string
         value = float(value)
     node = data

@@ -213,7 +213,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"warmstart override {item!r} must look like key=value (e.g. steps=500)")
-        value = yaml.safe_load(raw)
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as err:
+            raise ValueError(f"warmstart override {key}: the value is not valid YAML "
+                             f"({str(err).splitlines()[0]})") from err
         if key.startswith("model."):
             values.setdefault("model", {})[key.removeprefix("model.")] = value
         else:
