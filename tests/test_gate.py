@@ -139,6 +139,42 @@ def test_history_all_holds_fresh_batch_increments():
     assert gate.state_dict()["increments"] == [10.0]
 
 
+def test_history_same_k_scores_a_step_against_earlier_steps_at_its_own_reuse_index():
+    gate = GradientGate(tau=0.5, window=2, history="same_k")
+    # Two batches of K = 3: fresh-batch jumps at k = 1, small decays at k = 2, smaller at k = 3.
+    for energy, k in [(10.0, 1), (9.0, 2), (8.8, 3), (20.0, 1), (18.0, 2), (17.9, 3)]:
+        gate.observe(energy, k)
+    windows = gate.state_dict()["increments_by_index"]
+    assert windows == {"1": [20.0 - 8.8], "2": [-1.0, -2.0], "3": [pytest.approx(-0.2), pytest.approx(-0.1)]}
+    assert gate.ready_at(2) and gate.ready_at(3) and not gate.ready_at(1)
+    gate.observe(30.0, 1)
+    # A rise at k = 2 that the paper's window (held jumps of +10) would accept: z vs k = 2's own [-1, -2] is huge.
+    d = gate.observe(31.0, 2)
+    assert d.discard and d.ready and d.z == pytest.approx((1.0 + 1.5) / (statistics.stdev([-1.0, -2.0]) + 1e-8))
+    paper = GradientGate(tau=0.5, window=2, history="all")
+    for energy, k in [(10.0, 1), (9.0, 2), (8.8, 3), (20.0, 1), (18.0, 2), (17.9, 3), (30.0, 1)]:
+        paper.observe(energy, k)
+    assert not paper.observe(31.0, 2).discard
+
+
+def test_history_same_k_state_round_trips_and_continues_identically():
+    gate = GradientGate(tau=0.1, window=3, history="same_k")
+    for i, e in enumerate([5.0, 4.0, 3.9, 6.0, 5.1, 5.0, 7.0, 6.5, 6.4, 8.0]):
+        gate.observe(e, 1 + i % 3)
+    restored = GradientGate()
+    restored.load_state_dict(json.loads(json.dumps(gate.state_dict())))
+    assert repr(restored) == repr(gate) and restored.history == "same_k"
+    for i, e in enumerate([7.9, 9.5, 9.0, 8.9, 12.0, 5.0]):
+        assert restored.observe(e, 1 + i % 3) == gate.observe(e, 1 + i % 3)
+
+
+def test_a_state_with_too_many_increments_at_one_index_is_refused():
+    state = GradientGate(window=2, history="same_k").state_dict()
+    state["increments_by_index"] = {"3": [1.0, 2.0, 3.0]}
+    with pytest.raises(ValueError, match="k=3"):
+        GradientGate().load_state_dict(state)
+
+
 def test_counters():
     gate = GradientGate(tau=0.5, window=3)
     feed(gate, [1.0, 2.0, 4.0, 7.0])
@@ -195,7 +231,7 @@ def test_z_is_invariant_under_positive_affine_maps(values, a, b):
 
 
 @settings(max_examples=200, deadline=None)
-@given(energies, st.sampled_from(["all", "reuse"]), st.floats(min_value=-10, max_value=10))
+@given(energies, st.sampled_from(["all", "reuse", "same_k"]), st.floats(min_value=-10, max_value=10))
 def test_no_finite_observation_is_discarded_at_first_reuse_index(values, history, tau):
     gate = GradientGate(tau=tau, window=2, history=history)
     for i, v in enumerate(values):

@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
-HISTORY_MODES = ("all", "reuse")
+HISTORY_MODES = ("all", "reuse", "same_k")
 
 
 def check_gate_settings(tau, window, history, prefix: str = "") -> None:
@@ -63,7 +63,10 @@ class GradientGate:
         eps: ε in the denominator of Eq. 8 (paper: 1e-8).
         history: which accepted increments enter the window. ``"all"`` (default, the paper's rule):
             every one. ``"reuse"``: only those observed at k > 1, so the routine jump in energy at each
-            fresh batch does not widen σ. g_prev advances on every accepted observation either way.
+            fresh batch does not widen σ. ``"same_k"``: one window per reuse index k, and a step at k is
+            scored against earlier increments at the same k (so k = 4 against past k = 4 steps); a window fills
+            after W batches, so pick a smaller W for short runs. g_prev advances on every accepted observation
+            in every mode. "reuse" and "same_k" are dgg's variants, not the paper's rule.
     """
 
     def __init__(self, tau: float = 0.5, window: int = 20, eps: float = 1e-8, history: str = "all"):
@@ -74,16 +77,26 @@ class GradientGate:
         self.window = window
         self.eps = float(eps)
         self.history = history
-        self._increments: deque[float] = deque(maxlen=window)
+        self._windows: dict[int, deque[float]] = {}  # keyed by _window_key(k); one key except for "same_k"
         self._last_accepted_energy: float | None = None
         self.observations = 0
         self.discards = 0
         self.discards_by_reason: dict[str, int] = {}
 
+    def _window_key(self, reuse_index: int) -> int:
+        return reuse_index if self.history == "same_k" else 0
+
+    def _increments(self, reuse_index: int) -> deque[float]:
+        return self._windows.setdefault(self._window_key(reuse_index), deque(maxlen=self.window))
+
+    def ready_at(self, reuse_index: int) -> bool:
+        """The window a step at ``reuse_index`` is scored against is full, so the z-test may fire there."""
+        return len(self._increments(reuse_index)) == self.window
+
     @property
     def ready(self) -> bool:
-        """The window is full, so the z-test may fire."""
-        return len(self._increments) == self.window
+        """The window is full, so the z-test may fire (for ``history="same_k"``: the window of k = 2)."""
+        return self.ready_at(2)
 
     def observe(self, energy: float, reuse_index: int) -> GateDecision:
         """Test one update's lm_head gradient energy; call once per update attempt, before the optimizer.
@@ -98,25 +111,26 @@ class GradientGate:
         self.observations += 1
 
         if not math.isfinite(energy):
-            return self._discard(GateDecision(energy, None, None, self.ready, True, "non_finite"))
+            return self._discard(GateDecision(energy, None, None, self.ready_at(reuse_index), True, "non_finite"))
 
         if self._last_accepted_energy is None:  # the first observation only sets g_prev
             self._last_accepted_energy = energy
-            return GateDecision(energy, None, None, self.ready, False, None)
+            return GateDecision(energy, None, None, self.ready_at(reuse_index), False, None)
 
         delta = energy - self._last_accepted_energy
+        increments = self._increments(reuse_index)
         z = None
-        if len(self._increments) >= 2:
-            mean, std = _mean_and_sample_std(self._increments)
+        if len(increments) >= 2:
+            mean, std = _mean_and_sample_std(increments)
             z = (delta - mean) / (std + self.eps)
-        ready = self.ready
+        ready = len(increments) == self.window
         if ready and reuse_index > 1 and z is not None and z > self.tau:
             return self._discard(GateDecision(energy, delta, z, ready, True, "zscore"))
 
         # Accepted: Algorithm 1 line 11, the statistics move only with applied updates.
         self._last_accepted_energy = energy
-        if self.history == "all" or reuse_index > 1:
-            self._increments.append(delta)
+        if self.history != "reuse" or reuse_index > 1:
+            increments.append(delta)
         return GateDecision(energy, delta, z, ready, False, None)
 
     def _discard(self, decision: GateDecision) -> GateDecision:
@@ -137,7 +151,8 @@ class GradientGate:
             "window": self.window,
             "eps": self.eps,
             "history": self.history,
-            "increments": list(self._increments),
+            "increments": list(self._windows.get(0, ())),  # the one window of "all" and "reuse"
+            "increments_by_index": {str(k): list(v) for k, v in sorted(self._windows.items()) if k},
             "last_accepted_energy": self._last_accepted_energy,
             "observations": self.observations,
             "discards": self.discards,
@@ -150,11 +165,14 @@ class GradientGate:
         if missing:
             raise ValueError(f"gate state is missing fields {sorted(missing)}")
         restored = GradientGate(float(state["tau"]), int(state["window"]), float(state["eps"]), state["history"])
-        increments = [float(v) for v in state["increments"]]
-        if len(increments) > restored.window:
-            raise ValueError(f"gate state holds {len(increments)} increments, more than window={restored.window}")
+        windows = {0: state["increments"], **{int(k): v for k, v in state.get("increments_by_index", {}).items()}}
+        for key, values in windows.items():
+            if len(values) > restored.window:
+                raise ValueError(f"gate state holds {len(values)} increments" + (f" at k={key}" if key else "")
+                                 + f", more than window={restored.window}")
         self.tau, self.window, self.eps, self.history = restored.tau, restored.window, restored.eps, restored.history
-        self._increments = deque(increments, maxlen=self.window)
+        self._windows = {key: deque((float(v) for v in values), maxlen=self.window)
+                         for key, values in windows.items() if values}
         last = state["last_accepted_energy"]
         self._last_accepted_energy = None if last is None else float(last)
         self.observations = int(state.get("observations", 0))
@@ -163,4 +181,4 @@ class GradientGate:
 
     def __repr__(self) -> str:
         return (f"GradientGate(tau={self.tau}, window={self.window}, eps={self.eps}, history={self.history!r}, "
-                f"held={len(self._increments)}, discards={self.discards}/{self.observations})")
+                f"held={sum(len(v) for v in self._windows.values())}, discards={self.discards}/{self.observations})")

@@ -106,9 +106,10 @@ class DGGGRPOConfig(GRPOConfig):
 
     dgg_history: str = field(
         default="all",
-        metadata={"help": "Which accepted increments enter the window: 'all' (paper) or 'reuse' (only k > 1)."},
+        metadata={"help": "Which accepted increments enter the window: 'all' (paper), 'reuse' (only k > 1) or 'same_k' (one window per k)."},
     )
-    """Which accepted increments enter the window: ``"all"`` (the paper's rule) or ``"reuse"`` (only k > 1)."""
+    """Which accepted increments enter the window: ``"all"`` (the paper's rule) or ``"reuse"`` (only k > 1), or
+    ``"same_k"`` (one window per reuse index k; a step is scored against earlier steps at the same k)."""
 
     dgg_tied: str = field(
         default="output",
