@@ -1,0 +1,88 @@
+"""Screen variants of the paper's gate offline on naive-reuse logs (issue 16, item 2).
+
+    python benchmarks/gate_screen.py benchmarks/results/reuse-rules-smollm2/fixed_k4_seed{0,1,2}.metrics.jsonl
+    python benchmarks/gate_screen.py runs/bench/search-T1.0/fixed_k4/seed0 --windows 3,5,8 --taus 0.1,0.5,1
+
+Each argument is a run directory or a ``metrics.jsonl`` file of a fixed-K run. Two tables:
+
+1. How the lm_head gradient energy moves within a reuse pass: per reuse index k, the median and the largest of
+   g_k / g_1 over the run's batches, and how many batches had g_k > g_1. The paper's mechanism predicts a surge
+   during reuse (g_k well above g_1 on the batches where training turns); a pass in which the energy only
+   decays gives a relative-energy rule nothing to find.
+2. Where the gate would first stop, and how often if followed, for each ``history`` (the paper's ``all``,
+   ``reuse``, ``same_k``) × window × τ. A replay is exact up to the first stop (``dgg replay``); batches with
+   an accuracy evaluation are listed beside it, so a stop can be read against the run's own degradation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+from dgg.analysis import eval_points
+from dgg.reuse_rules import RuleSettings, make_rule, replay
+
+
+def read_records(path: Path) -> list[dict]:
+    file = path / "metrics.jsonl" if path.is_dir() else path
+    records = []
+    for line in file.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # a torn last line of a run still in progress
+            break
+    return records
+
+
+def energies_by_batch(records: list[dict]) -> dict[int, dict[int, float]]:
+    out: dict[int, dict[int, float]] = {}
+    for r in records:
+        if r.get("kind") == "update" and r.get("actor/lm_head_grad_energy") is not None:
+            out.setdefault(r["batch"], {})[r["reuse_index"]] = float(r["actor/lm_head_grad_energy"])
+    return out
+
+
+def relative_energy_rows(energies: dict[int, dict[int, float]]) -> list[tuple[int, float, float, int, int]]:
+    """(k, median g_k/g_1, max g_k/g_1, batches with g_k > g_1, batches counted) for k >= 2; batches whose
+    fresh-batch energy is 0 (no advantage anywhere) are left out."""
+    ratios: dict[int, list[float]] = {}
+    for per_k in energies.values():
+        first = per_k.get(1, 0.0)
+        if first > 0:
+            for k, energy in per_k.items():
+                if k > 1:
+                    ratios.setdefault(k, []).append(energy / first)
+    return [(k, statistics.median(v), max(v), sum(x > 1 for x in v), len(v)) for k, v in sorted(ratios.items())]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", type=Path)
+    parser.add_argument("--windows", default="3,5,8,20", help="windows W for history=same_k (comma-separated)")
+    parser.add_argument("--taus", default="0.1,0.5,1.0")
+    args = parser.parse_args()
+    taus = [float(t) for t in args.taus.split(",")]
+    variants = [("all", 20), ("reuse", 20), *(("same_k", int(w)) for w in args.windows.split(","))]
+    for path in args.runs:
+        records = read_records(path)
+        evals = ", ".join(f"{p.batch}: {p.accuracy:.2f}" for p in eval_points(records))
+        print(f"## {path}\n\naccuracy by batch: {evals}\n")
+        print("| k | median g_k/g_1 | max g_k/g_1 | batches with g_k > g_1 |\n|---|---|---|---|")
+        for k, median, largest, rising, counted in relative_energy_rows(energies_by_batch(records)):
+            print(f"| {k} | {median:.2g} | {largest:.2g} | {rising} of {counted} |")
+        print("\n| history | W | " + " | ".join(f"τ={t:g}: first stop (batch, k); stops" for t in taus) + " |")
+        print("|---|---|" + "---|" * len(taus))
+        for history, window in variants:
+            cells = []
+            for tau in taus:
+                stops = replay(records, make_rule("dgg", RuleSettings(tau=tau, window=window, history=history)))
+                first = f"{stops[0]['batch']}, {stops[0]['reuse_index']}" if stops else "never"
+                cells.append(f"{first}; {len(stops)}")
+            print(f"| {history} | {window} | " + " | ".join(cells) + " |")
+        print()
+
+
+if __name__ == "__main__":
+    main()
