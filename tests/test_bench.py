@@ -92,6 +92,19 @@ def test_arms_selects_a_subset_with_its_baseline_and_seeds_can_differ_per_arm(ti
     assert "its arms are: single, fixed_k4" in capsys.readouterr().err
 
 
+def test_seed_list_adds_chosen_seeds_to_a_sweep(tiny_model_dir, tmp_path, capsys):
+    out = tmp_path / "main"
+    common = ["--out", str(out), f"model.path={tiny_model_dir}", *TINY]
+    assert cli_main(["bench", "main", "--seed-list", "2", "--arms", "single", *common]) == 0
+    assert sorted(p.name for p in (out / "single").iterdir()) == ["seed2"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["arm_seeds"]["single"] == [2] and summary["experiment"]["seeds"] == [2]
+    for bad in ("1,1", "a", "-1", ""):
+        capsys.readouterr()
+        assert cli_main(["bench", "main", "--seed-list", bad, *common]) == 2
+        assert "--seed-list must be distinct integers >= 0" in capsys.readouterr().err
+
+
 def test_an_arm_stopped_part_way_continues_from_its_checkpoint(tiny_model_dir, tmp_path):
     from dgg.experiments import Arm, run_arm
 

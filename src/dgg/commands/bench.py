@@ -14,7 +14,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from dgg.experiments import EXPERIMENTS
 
     parser.add_argument("name", help=f"experiment: {', '.join(EXPERIMENTS)}")
-    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    parser.add_argument("--seeds", type=int, default=3, help="seeds per arm: 0 .. N-1 (default 3)")
+    parser.add_argument("--seed-list", default=None, metavar="S,...",
+                        help="run exactly these seeds instead (e.g. 1,2 to add seeds to a sweep run on seed 0)")
     parser.add_argument("-c", "--config", default="demo", help="base config (YAML path or bundled name; default demo)")
     parser.add_argument("--out", default=None, help="directory (default runs/bench/NAME)")
     parser.add_argument("--force", action="store_true", help="re-run arms that already finished")
@@ -40,6 +42,14 @@ def select_arms(arms: list, spec: str | None) -> list | None:
     return chosen
 
 
+def parse_seed_list(spec: str) -> list[int] | None:
+    """``"1,2"`` -> [1, 2]; None unless every item is an integer >= 0 and none repeats."""
+    items = [item.strip() for item in spec.split(",")]
+    if not items or not all(item.isdigit() for item in items) or len(set(map(int, items))) != len(items):
+        return None
+    return [int(item) for item in items]
+
+
 def run(args: argparse.Namespace) -> int:
     from dgg.commands.report import build_report
     from dgg.config import load_config
@@ -52,6 +62,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if args.seeds < 1:
         print("dgg bench: error: --seeds must be >= 1", file=sys.stderr)
+        return 2
+    seeds = parse_seed_list(args.seed_list) if args.seed_list is not None else list(range(args.seeds))
+    if seeds is None:
+        print(f"dgg bench: error: --seed-list must be distinct integers >= 0 separated by commas (got "
+              f"{args.seed_list!r})", file=sys.stderr)
         return 2
     out = Path(args.out or f"runs/bench/{args.name}")
     overrides = list(args.overrides)
@@ -68,7 +83,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"dgg bench: error: --arms {args.arms!r} names an arm {args.name} does not have; "
               f"its arms are: {names}", file=sys.stderr)
         return 2
-    seeds = list(range(args.seeds))
     out.mkdir(parents=True, exist_ok=True)
     previous = out / "experiment.json"
     # A partial run (--arms, fewer seeds) widens the record, never narrows it: the report covers all runs.
