@@ -109,7 +109,9 @@ def test_an_arm_stopped_part_way_continues_from_its_checkpoint(tiny_model_dir, t
     from dgg.experiments import Arm, run_arm
 
     arm = Arm("single", "single-use", ("reuse.mode=single",))
-    common = [f"model.path={tiny_model_dir}", *TINY, "train.max_batches=4", "train.checkpoint_every=2"]
+    # precision=auto: the run saves it resolved (fp32 or bf16), and the resume must still recognise the run
+    common = [f"model.path={tiny_model_dir}", *TINY, "train.precision=auto", "train.max_batches=4",
+              "train.checkpoint_every=2"]
     whole = run_arm(None, common, arm, 0, tmp_path / "whole")
     stopped = run_arm(None, [*common[:-2], "train.max_batches=2", "train.checkpoint_every=2"], arm, 0,
                       tmp_path / "cut")

@@ -108,11 +108,15 @@ def _train_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: 
         # An arm stopped part-way continues from its last checkpoint, if it is the same run (threads, progress
         # and checkpointing may differ); anything else starts again from scratch.
         from dgg.config import flatten, save_config, to_dict
+        from dgg.loading import resolve_device
+        from dgg.precision import resolve_precision
         from dgg.run_io import RESUMABLE_KEYS, load_run_config
 
         stored = load_run_config(run_dir)
         ignored = {*RESUMABLE_KEYS, *(("task.prompt_format",) if resolved.task.prompt_format == "auto" else ())}
         wanted = {k: v for k, v in flatten(to_dict(resolved)).items() if k not in ignored}
+        if "train.precision" in wanted:  # the trainer saves `auto` resolved (bf16/fp32): compare like with like
+            wanted["train.precision"] = resolve_precision(resolved.train.precision, resolve_device(resolved.model.device))
         if {k: v for k, v in flatten(to_dict(stored)).items() if k not in ignored} == wanted:
             log.info("%s seed %d: continuing from its checkpoint (%s)", arm.name, seed, run_dir)
             stored.train, stored.output = resolved.train, resolved.output
