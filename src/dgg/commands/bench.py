@@ -45,9 +45,10 @@ def select_arms(arms: list, spec: str | None) -> list | None:
 def parse_seed_list(spec: str) -> list[int] | None:
     """``"1,2"`` -> [1, 2]; None unless every item is an integer >= 0 and none repeats."""
     items = [item.strip() for item in spec.split(",")]
-    if not items or not all(item.isdigit() for item in items) or len(set(map(int, items))) != len(items):
+    if not all(item.isdigit() for item in items):
         return None
-    return [int(item) for item in items]
+    seeds = [int(item) for item in items]
+    return seeds if len(set(seeds)) == len(seeds) else None
 
 
 def run(args: argparse.Namespace) -> int:
