@@ -15,14 +15,9 @@ show where they part and what followed.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-
-def read_records(path: Path) -> list[dict]:
-    file = path / "metrics.jsonl" if path.is_dir() else path
-    with open(file, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+from gate_screen import read_records  # the sibling script's reader: a run dir or file, a torn last line skipped
 
 
 def fmt(value, digits=3):
