@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from gate_screen import read_records  # the sibling script's reader: a run dir or file, a torn last line skipped
+from gate_screen import (
+    read_records,  # the sibling script's reader: a run dir or file, a torn last line skipped
+)
 
 
 def fmt(value, digits=3):
