@@ -53,6 +53,15 @@ def test_degradation_onset_needs_a_real_drop():
     assert degradation_onset([EvalPoint(i, i, i, a) for i, a in enumerate([0.1, 0.5, 0.45, 0.45, 0.44, 0.46])]) is None
 
 
+def test_a_short_run_still_climbing_is_not_collapsed():
+    # the SmolLM2 demo's single-use curve (6 evaluations): the mean of the last five is 0.39, 0.12 under its
+    # peak, but the peak is the last evaluation, so nothing was lost
+    climbing = [EvalPoint(i, i, i, a) for i, a in enumerate([0.133, 0.258, 0.352, 0.391, 0.438, 0.508])]
+    assert degradation_onset(climbing) is None
+    fell = [EvalPoint(i, i, i, a) for i, a in enumerate([0.133, 0.258, 0.352, 0.508, 0.30, 0.28])]
+    assert degradation_onset(fell) == fell[3]
+
+
 def test_gate_statistics_from_update_records():
     records = evals([0.1, 0.2]) + [
         {"kind": "update", "reuse_index": 2, "gate/discard": True, "gate/reason": "zscore", "actor/applied": False},

@@ -21,6 +21,7 @@ from dgg.errors import UserError, utf8_lines
 CONVERGED_WINDOW = 5
 BASELINE_ARM = "single"  # every arm's speedups are against the single-use run of the same seed
 COLLAPSE_THRESHOLD = 0.10  # absolute accuracy lost from the peak to the converged value
+RECOVERED_WITHIN = COLLAPSE_THRESHOLD / 2  # a run whose last evaluation is this close to its peak did not collapse
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -76,12 +77,20 @@ def speedup(baseline_cost: float | None, arm_cost: float | None) -> float | None
 
 
 def degradation_onset(points: list[EvalPoint]) -> EvalPoint | None:
-    """The peak evaluation of a run that then collapsed (peak − converged > COLLAPSE_THRESHOLD), else None."""
+    """The peak evaluation of a run that then collapsed, else None.
+
+    Collapsed: the peak exceeds the converged accuracy by more than COLLAPSE_THRESHOLD, and the last evaluation
+    is not back within RECOVERED_WITHIN of the peak. The second condition keeps a short run that is still climbing
+    (its last five evaluations reach back to its first batches, so their mean sits far below its final peak)
+    from counting as collapsed.
+    """
     if not points:
         return None
     peak = max(points, key=lambda p: p.accuracy)
     converged = converged_accuracy(points)
-    return peak if converged is not None and peak.accuracy - converged > COLLAPSE_THRESHOLD else None
+    dropped = (peak.accuracy - converged > COLLAPSE_THRESHOLD
+               and peak.accuracy - points[-1].accuracy > RECOVERED_WITHIN)
+    return peak if dropped else None
 
 
 @dataclass

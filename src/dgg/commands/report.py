@@ -135,7 +135,7 @@ def build_report(out: Path) -> str:
                 + (" Arms differ in how many seeds they have (column *seeds*): compare means with care." if uneven
                    else ""), ""] if pending else []),
              *results_table(arms, aggregated, arm_seeds)]
-    lines += ["", "A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than 0.10.",
+    lines += ["", "A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than 0.10 and its last evaluation by more than 0.05.",
               "", "![accuracy](fig_accuracy.png)", ""]
     summary = {"experiment": spec, "seeds_finished": finished, "arms": aggregated,
                "arms_pending": [a.name for a in planned if len(arm_seeds[a.name]) < len(spec["seeds"])],
