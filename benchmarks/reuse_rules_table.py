@@ -25,7 +25,10 @@ SINGLE_USE = re.compile(r"single(_lrx[\d.]+)?$")
 def load(results: Path) -> dict[str, dict[int, list]]:
     runs: dict[str, dict[int, list]] = defaultdict(dict)
     for path in sorted(results.glob("*_seed*.metrics.jsonl")):
-        arm, seed = re.fullmatch(r"(.+)_seed(\d+)\.metrics\.jsonl", path.name).groups()
+        finished = re.fullmatch(r"(.+)_seed(\d+)\.metrics\.jsonl", path.name)
+        if finished is None:  # ARM_seedN.partialK: stopped after batch K, no converged accuracy to compare
+            continue
+        arm, seed = finished.groups()
         runs[arm][int(seed)] = eval_points([json.loads(line) for line in path.read_text().splitlines() if line])
     return runs
 
@@ -56,6 +59,9 @@ def main() -> None:
     for arm in shown:
         for seed in sorted(runs[arm]):
             points = runs[arm][seed]
+            if seed not in runs["single"]:  # single-use of this seed did not finish: nothing to compare against
+                print(f"| {arm} | {seed} | {converged_accuracy(points):.3f} | no single-use run | no single-use run |")
+                continue
             same = rollout_speedup(runs["single"][seed], points)
             against_best = rollout_speedup(runs[best][seed], points) if seed in runs[best] else None
             print(f"| {arm} | {seed} | {converged_accuracy(points):.3f} | {fmt(same)} | {fmt(against_best)} |")
