@@ -22,6 +22,8 @@ CONVERGED_WINDOW = 5
 BASELINE_ARM = "single"  # every arm's speedups are against the single-use run of the same seed
 COLLAPSE_THRESHOLD = 0.10  # absolute accuracy lost from the peak to the converged value
 RECOVERED_WITHIN = COLLAPSE_THRESHOLD / 2  # a run whose last evaluation is this close to its peak did not collapse
+COLLAPSE_RULE = (f"A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than "
+                 f"{COLLAPSE_THRESHOLD:.2f} and its last evaluation by more than {RECOVERED_WITHIN:.2f}.")
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:

@@ -127,6 +127,8 @@ def _speedup(arm: dict, key: str) -> str:
 
 
 def render_report(summary: dict, config, table: list[str]) -> str:
+    from dgg.analysis import COLLAPSE_RULE
+
     seeds = summary["seeds"]
     lines = [
         "# dgg demo report",
@@ -145,8 +147,7 @@ def render_report(summary: dict, config, table: list[str]) -> str:
     lines += [
         "",
         "Per seed, the speedup is against the same seed's single-use run; 'never reached' means the arm's accuracy "
-        "never reached single-use's converged accuracy. A run counts as collapsed when its peak accuracy exceeds its "
-        "converged accuracy by more than 0.10 and its last evaluation by more than 0.05.",
+        f"never reached single-use's converged accuracy. {COLLAPSE_RULE}",
         "",
         "## Accuracy against rollouts and wall-clock (Fig. 2)",
         "![accuracy](fig_accuracy.png)",

@@ -89,7 +89,14 @@ def _story_figures(out: Path, arms, records, labels) -> list[str]:
 
 def build_report(out: Path) -> str:
     """Write report.md, summary.json and figures for a benchmark directory; return the Markdown."""
-    from dgg.analysis import BASELINE_ARM, SIGNAL_KEYS, degradation_onset, eval_points, signal_firings
+    from dgg.analysis import (
+        BASELINE_ARM,
+        COLLAPSE_RULE,
+        SIGNAL_KEYS,
+        degradation_onset,
+        eval_points,
+        signal_firings,
+    )
     from dgg.config import load_config
     from dgg.errors import UserError, read_json_file
     from dgg.experiments import Arm, aggregate, run_dir_for, summarise
@@ -135,7 +142,7 @@ def build_report(out: Path) -> str:
                 + (" Arms differ in how many seeds they have (column *seeds*): compare means with care." if uneven
                    else ""), ""] if pending else []),
              *results_table(arms, aggregated, arm_seeds)]
-    lines += ["", "A run counts as collapsed when its peak accuracy exceeds its converged accuracy by more than 0.10 and its last evaluation by more than 0.05.",
+    lines += ["", COLLAPSE_RULE,
               "", "![accuracy](fig_accuracy.png)", ""]
     summary = {"experiment": spec, "seeds_finished": finished, "arms": aggregated,
                "arms_pending": [a.name for a in planned if len(arm_seeds[a.name]) < len(spec["seeds"])],
