@@ -8,7 +8,8 @@ Each argument is a run directory or a ``metrics.jsonl`` file of a fixed-K run. T
 1. How the lm_head gradient energy moves within a reuse pass: per reuse index k, the median and the largest of
    g_k / g_1 over the run's batches, and how many batches had g_k > g_1. The paper's mechanism predicts a surge
    during reuse (g_k well above g_1 on the batches where training turns); a pass in which the energy only
-   decays gives a relative-energy rule nothing to find.
+   decays gives a relative-energy rule nothing to find. With ``reuse.mini_batches`` > 1 the rows are the
+   updates k.m (pass k, mini-batch m), each against the batch's first update.
 2. Where the gate would first stop, and how often if followed, for each ``history`` (the paper's ``all``,
    ``reuse``, ``same_k``) × window × τ. A replay is exact up to the first stop (``dgg replay``); batches with
    an accuracy evaluation are listed beside it, so a stop can be read against the run's own degradation.
@@ -36,25 +37,36 @@ def read_records(path: Path) -> list[dict]:
     return records
 
 
-def energies_by_batch(records: list[dict]) -> dict[int, dict[int, float]]:
-    out: dict[int, dict[int, float]] = {}
+def energies_by_batch(records: list[dict]) -> dict[int, dict[tuple[int, int], float]]:
+    """Per batch, the lm_head energy of each update keyed by (k, m): reuse pass k, mini-batch m within it
+    (m is always 1 with ``reuse.mini_batches=1``)."""
+    out: dict[int, dict[tuple[int, int], float]] = {}
     for r in records:
         if r.get("kind") == "update" and r.get("actor/lm_head_grad_energy") is not None:
-            out.setdefault(r["batch"], {})[r["reuse_index"]] = float(r["actor/lm_head_grad_energy"])
+            per_step = out.setdefault(r["batch"], {})
+            k = r["reuse_index"]
+            m = 1 + sum(1 for step in per_step if step[0] == k)
+            per_step[(k, m)] = float(r["actor/lm_head_grad_energy"])
     return out
 
 
-def relative_energy_rows(energies: dict[int, dict[int, float]]) -> list[tuple[int, float, float, int, int]]:
-    """(k, median g_k/g_1, max g_k/g_1, batches with g_k > g_1, batches counted) for k >= 2; batches whose
-    fresh-batch energy is 0 (no advantage anywhere) are left out."""
-    ratios: dict[int, list[float]] = {}
-    for per_k in energies.values():
-        first = per_k.get(1, 0.0)
+def step_label(step: tuple[int, int], mini_batches: int) -> str:
+    return str(step[0]) if mini_batches == 1 else f"{step[0]}.{step[1]}"
+
+
+def relative_energy_rows(energies: dict[int, dict[tuple[int, int], float]]
+                         ) -> list[tuple[tuple[int, int], float, float, int, int]]:
+    """(step, median g/g_1, max g/g_1, batches with g > g_1, batches counted) for every update after the
+    batch's first, g_1 being the first update's energy; batches whose first energy is 0 (no advantage
+    anywhere) are left out."""
+    ratios: dict[tuple[int, int], list[float]] = {}
+    for per_step in energies.values():
+        first = per_step.get((1, 1), 0.0)
         if first > 0:
-            for k, energy in per_k.items():
-                if k > 1:
-                    ratios.setdefault(k, []).append(energy / first)
-    return [(k, statistics.median(v), max(v), sum(x > 1 for x in v), len(v)) for k, v in sorted(ratios.items())]
+            for step, energy in per_step.items():
+                if step != (1, 1):
+                    ratios.setdefault(step, []).append(energy / first)
+    return [(step, statistics.median(v), max(v), sum(x > 1 for x in v), len(v)) for step, v in sorted(ratios.items())]
 
 
 def main() -> None:
@@ -69,9 +81,12 @@ def main() -> None:
         records = read_records(path)
         evals = ", ".join(f"{p.batch}: {p.accuracy:.2f}" for p in eval_points(records))
         print(f"## {path}\n\naccuracy by batch: {evals}\n")
-        print("| k | median g_k/g_1 | max g_k/g_1 | batches with g_k > g_1 |\n|---|---|---|---|")
-        for k, median, largest, rising, counted in relative_energy_rows(energies_by_batch(records)):
-            print(f"| {k} | {median:.2g} | {largest:.2g} | {rising} of {counted} |")
+        energies = energies_by_batch(records)
+        mini_batches = max((m for per_step in energies.values() for _, m in per_step), default=1)
+        step_name = "k" if mini_batches == 1 else "k.m (pass, mini-batch)"
+        print(f"| {step_name} | median g/g_1 | max g/g_1 | batches with g > g_1 |\n|---|---|---|---|")
+        for step, median, largest, rising, counted in relative_energy_rows(energies):
+            print(f"| {step_label(step, mini_batches)} | {median:.2g} | {largest:.2g} | {rising} of {counted} |")
         print("\n| history | W | " + " | ".join(f"τ={t:g}: first stop (batch, k); stops" for t in taus) + " |")
         print("|---|---|" + "---|" * len(taus))
         for history, window in variants:
