@@ -10,6 +10,8 @@ mkdir -p "$dst"
 [ -e "$dst/experiment.json" ] || cp "$src/experiment.json" "$dst/"
 for metrics in "$src"/*_seed*.metrics.jsonl; do
   name=$(basename "$metrics" .metrics.jsonl); arm=${name%_seed*}; seed=${name##*_seed}
+  # a stopped run's log (fixed_k4_seed1.partial9) is evidence, not a finished run: leave it to be rerun
+  case "$seed" in *[!0-9]*) echo "skipped $metrics (not a finished run)"; continue ;; esac
   run="$dst/$arm/seed$seed"
   if [ -e "$run" ]; then echo "kept $run (exists)"; continue; fi
   mkdir -p "$run"

@@ -49,3 +49,18 @@ def test_a_run_without_weights_or_gate_records_still_plots(tmp_path):
     assert plot_accuracy({"single": [bare]}, tmp_path / "acc.png").stat().st_size > 0
     assert plot_weight_change({"single": bare}, tmp_path / "weights.png").stat().st_size > 0
     assert plot_gate(bare, 0.5, tmp_path / "gate.png").stat().st_size > 0
+
+
+def test_each_band_takes_its_lines_colour(tmp_path, monkeypatch):
+    # arms without a fixed style get matplotlib's colours; their ±std band must not take the next colour
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import to_rgb
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    arms = {"kl_0.05": [synthetic_run(3), synthetic_run(4)], "clip_0.1": [synthetic_run(5), synthetic_run(6)]}
+    plot_accuracy(arms, tmp_path / "acc.png")
+    for ax in kept[0].axes:
+        assert len(ax.lines) == len(ax.collections) == 2
+        for line, band in zip(ax.lines, ax.collections):
+            assert to_rgb(band.get_facecolor()[0]) == to_rgb(line.get_color())

@@ -54,10 +54,10 @@ def plot_accuracy(arms: dict[str, list[list[dict]]], out: Path, labels: dict[str
             label += f" ({len(runs)} seed{'s' if len(runs) > 1 else ''})"
         for ax, axis in zip(axes, ("rollouts", "wall_time")):
             xs, ys, sd = _mean_curve(points, axis)
-            ax.plot(xs, ys, label=label, color=colour, lw=1.8)
-            if len(points) > 1:
+            (line,) = ax.plot(xs, ys, label=label, color=colour, lw=1.8)
+            if len(points) > 1:  # the band takes its line's colour, also where matplotlib chose it
                 ax.fill_between(xs, [y - s for y, s in zip(ys, sd)], [y + s for y, s in zip(ys, sd)],
-                                color=colour, alpha=0.15)
+                                color=line.get_color(), alpha=0.15)
     for ax, xlabel in zip(axes, ("rollouts (sampled completions)", "training wall-clock (s, evaluation excluded)")):
         if baseline is not None:
             ax.axhline(baseline, color="gray", ls="--", lw=1, label="single-use converged")
