@@ -43,7 +43,7 @@ def arm_labels(results: Path) -> dict[str, str]:
     return {arm["name"]: arm["label"] for arm in json.loads(experiment.read_text())["arms"]}
 
 
-def rollout_speedup(baseline: list, arm: list, axis: str = "rollouts") -> float | None:
+def table1_speedup(baseline: list, arm: list, axis: str = "rollouts") -> float | None:
     target = converged_accuracy(baseline)
     return speedup(cost_to_reach(baseline, target, axis), cost_to_reach(arm, target, axis))
 
@@ -75,9 +75,9 @@ def main() -> None:
             if seed not in runs["single"]:  # single-use of this seed did not finish: nothing to compare against
                 print(f"| {arm} | {seed} | {converged_accuracy(points):.3f} | no single-use run | | |")
                 continue
-            same = rollout_speedup(runs["single"][seed], points)
-            clock = rollout_speedup(runs["single"][seed], points, "wall_time")
-            against_best = rollout_speedup(runs[best][seed], points) if seed in runs[best] else None
+            same = table1_speedup(runs["single"][seed], points)
+            clock = table1_speedup(runs["single"][seed], points, "wall_time")
+            against_best = table1_speedup(runs[best][seed], points) if seed in runs[best] else None
             print(f"| {arm} | {seed} | {converged_accuracy(points):.3f} | {fmt(same)} | {fmt(clock)} "
                   f"| {fmt(against_best)} |")
     if args.figure:
