@@ -14,10 +14,11 @@ from dgg.trainer import GRPOTrainer, load_policy, load_run_config, render_prompt
 
 @register_environment("test_count")
 class CountEnv:
-    """Ends after ``steps`` replies with reward 1; ``fail`` raises, ``hang`` sleeps in the step of that number."""
+    """Ends after ``steps`` replies with reward 1; ``fail`` raises, ``hang`` sleeps, ``invalid`` calls the reply
+    malformed, in the step of that number."""
 
-    def __init__(self, steps=2, fail=None, hang=None):
-        self.steps, self.fail, self.hang = steps, fail, hang
+    def __init__(self, steps=2, fail=None, hang=None, invalid=None):
+        self.steps, self.fail, self.hang, self.invalid = steps, fail, hang, invalid
 
     def reset(self, seed):
         self.done = 0
@@ -29,7 +30,8 @@ class CountEnv:
             raise RuntimeError("environment exploded")
         if self.done == self.hang:
             time.sleep(5)
-        return StepResult(f"o{self.done}", 1.0 if self.done == self.steps else 0.0, self.done == self.steps)
+        return StepResult(f"o{self.done}", 1.0 if self.done == self.steps else 0.0, self.done == self.steps,
+                          {"invalid": self.done == self.invalid})
 
 
 @pytest.fixture()
@@ -85,6 +87,13 @@ def test_limits_end_episodes_with_their_reward_so_far(policy):
     batch, _ = play(policy, EpisodeLimits(max_turns=5, max_episode_tokens=6), steps=4)
     assert all(i["truncated"] == "tokens" for i in batch.reward_infos)
     assert batch.input_ids.shape[1] - batch.prompt_length <= 6
+
+
+def test_an_episode_with_one_malformed_reply_stays_invalid_after_valid_ones(policy):
+    batch, _ = play(policy, steps=3, invalid=1)
+    assert all(i["invalid"] and i["invalid_replies"] == 1 for i in batch.reward_infos)
+    batch, _ = play(policy, steps=3)
+    assert not any(i["invalid"] or i["invalid_replies"] for i in batch.reward_infos)
 
 
 def test_an_environment_that_raises_or_hangs_scores_zero_and_the_rest_go_on(policy):

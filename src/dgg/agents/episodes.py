@@ -167,7 +167,9 @@ def run_episodes(model, tokenizer, task: EnvironmentTask, problems: list[Problem
             if result is None:
                 continue
             episode.reward += float(result.reward)
-            episode.info.update(result.info)
+            malformed = bool(result.info.get("invalid"))
+            episode.info.update(result.info, invalid=episode.info.get("invalid", False) or malformed,
+                                invalid_replies=episode.info.get("invalid_replies", 0) + malformed)
             if result.done:
                 episode.finish(truncated=None)
                 continue
