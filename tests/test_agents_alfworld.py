@@ -10,7 +10,7 @@ from dgg.errors import UserError
 pytest.importorskip("alfworld")
 pytest.importorskip("fast_downward")
 
-from dgg.agents.alfworld import TASK_TYPES, game_logic, generate_problem  # noqa: E402
+from dgg.agents.alfworld import TASK_TYPES, closest_command, game_logic, generate_problem  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +73,29 @@ def test_replies_are_read_as_commands(env):
     assert not lenient.step(f"Let me {command}, then look around").info["invalid"]
 
 
+def test_closest_reading_maps_free_text_onto_an_admissible_command():
+    env = make_environment("alfworld", {"lenient": "closest", "task_types": "pick_and_place_simple",
+                                        "receptacles": 2, "distractors": 0})
+    env.reset(0)  # a countertop 1 and a sinkbasin 1
+    assert env.read_command("I'm going to go to the sinkbasin now") == "go to sinkbasin 1"
+    assert env.read_command("go to countertop 1, then look") == "go to countertop 1"  # a whole command still wins
+    assert env.read_command("the golden hour") == "the golden hour"  # no shared word: still malformed
+    assert env.step("the golden hour").info["invalid"]
+    assert closest_command("take the soapbar", ["go to countertop 1", "take soapbar 1 from countertop 1"]) == \
+        "take soapbar 1 from countertop 1"
+
+
+def test_hints_name_the_experts_next_command():
+    options = {"task_types": "pick_and_place_simple", "receptacles": 2, "distractors": 0}
+    first, every = (make_environment("alfworld", {**options, "hint": h}) for h in ("first", "every"))
+    opening = first.reset(0)
+    plan = first.expert_plan()
+    assert opening.endswith(f"Hint: {plan[0]}.") and every.reset(0) == opening
+    assert "Hint:" not in first.step(plan[0]).observation
+    assert every.step(plan[0]).observation.endswith(f"Hint: {plan[1]}.")
+    assert "Hint:" not in make_environment("alfworld", options).reset(0)
+
+
 def test_episodes_are_deterministic_in_the_seed(env):
     other = make_environment("alfworld", {})
     assert env.reset(7) == other.reset(7) and env.expert_plan() == other.expert_plan()
@@ -120,7 +143,8 @@ def test_admissible_commands_can_be_shown():
 
 def test_bad_options_are_clear_errors():
     for options, field in [({"task_types": ["pick_and_fly"]}, "task_types"), ({"receptacles": 1}, "receptacles"),
-                           ({"distractors": -1}, "distractors"), ({"games": "/nonexistent/alfworld"}, "games")]:
+                           ({"distractors": -1}, "distractors"), ({"games": "/nonexistent/alfworld"}, "games"),
+                           ({"lenient": "fuzzy"}, "lenient"), ({"hint": "always"}, "hint")]:
         with pytest.raises(UserError, match=field):
             make_environment("alfworld", options)
 

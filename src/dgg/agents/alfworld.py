@@ -14,8 +14,11 @@ the real game files (``.../json_2.1.1/train``) instead: every ``game.tw-pddl`` b
 allowed task type, as ALFWorld collects them.
 
 Easier levels for small models: ``show_admissible: true`` lists the commands that apply after every
-observation (as many LLM-agent set-ups of ALFWorld do), and ``lenient: true`` reads a reply that is not a
-command as the first admissible command it contains.
+observation (as many LLM-agent set-ups of ALFWorld do); ``lenient: true`` reads a reply that is not a
+command as the first admissible command it contains, and ``lenient: closest`` as the admissible command that
+shares the most of its words with the reply (free text mapped onto the admissible actions, as Huang et al.,
+2022, do with sentence embeddings); ``hint: first`` or ``hint: every`` names the planner expert's next command
+in the first or in every observation.
 """
 
 from __future__ import annotations
@@ -67,6 +70,8 @@ INSTRUCTIONS = ("You are in a household text game. Reply with exactly one comman
                 "go to fridge 1, open fridge 1, take apple 1 from fridge 1, heat apple 1 with microwave 1, "
                 "move apple 1 to countertop 1, use desklamp 1, look, inventory.")
 HINT = " Write one command per reply, such as: go to countertop 1 (help lists the commands)."
+READINGS = (False, True, "closest")
+HINTS = ("none", "first", "every")
 
 
 def _alfworld():
@@ -225,6 +230,18 @@ def generate_problem(seed: int, task_types=TASK_TYPES, receptacles: int = 8, dis
     return {"pddl_problem": problem, "task": task, "task_type": task_type}
 
 
+def words(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def closest_command(reply: str, commands: list[str]) -> str | None:
+    """The command with the largest share of its words in ``reply`` (the first on a tie); None when no command
+    shares a word with it."""
+    said = words(reply)
+    best = max(commands, key=lambda c: len(said & words(c)) / len(words(c)), default=None)  # max keeps the first
+    return best if best is not None and said & words(best) else None
+
+
 @functools.lru_cache(maxsize=8)  # every episode builds its own environment: walk a folder of thousands of games once
 def collect_games(folder: str, task_types: tuple[str, ...]) -> tuple[str, ...]:
     """ALFWorld's game files under ``folder``: a ``game.tw-pddl`` beside a ``traj_data.json`` of an allowed task
@@ -253,7 +270,7 @@ def collect_games(folder: str, task_types: tuple[str, ...]) -> tuple[str, ...]:
 @register_environment("alfworld")
 class ALFWorld:
     def __init__(self, task_types=TASK_TYPES, receptacles: int = 8, distractors: int = 4, games: str | None = None,
-                 show_admissible: bool = False, lenient: bool = False):
+                 show_admissible: bool = False, lenient: bool | str = False, hint: str = "none"):
         task_types = [task_types] if isinstance(task_types, str) else list(task_types)
         unknown = [t for t in task_types if t not in TASK_TYPES]
         if unknown or not task_types:
@@ -262,9 +279,13 @@ class ALFWorld:
             raise UserError(f"task.options.receptacles must be an integer from 2 to 14 (got {receptacles!r})")
         if not isinstance(distractors, int) or not 0 <= distractors <= 30:
             raise UserError(f"task.options.distractors must be an integer from 0 to 30 (got {distractors!r})")
+        if lenient not in READINGS:
+            raise UserError(f"task.options.lenient must be false, true or closest (got {lenient!r})")
+        if hint not in HINTS:
+            raise UserError(f"task.options.hint must be one of {', '.join(HINTS)} (got {hint!r})")
         _, _, textworld, demangler, _ = _alfworld()
         self.task_types, self.receptacles, self.distractors = task_types, receptacles, distractors
-        self.show_admissible, self.lenient = bool(show_admissible), bool(lenient)
+        self.show_admissible, self.lenient, self.hint = bool(show_admissible), lenient, hint
         self.games = collect_games(games, tuple(task_types)) if games else None
         self._domain, self._grammar = game_logic()
         self._engine = shared_logic_engine()(textworld.EnvInfos(won=True, admissible_commands=True))
@@ -287,7 +308,7 @@ class ALFWorld:
         self.task_type = game.pop("task_type")
         self._env.load(game)
         self._state = self._env.reset()
-        return f"{INSTRUCTIONS}\n\n{self._observe(self._state.feedback)}"
+        return f"{INSTRUCTIONS}\n\n{self._observe(self._state.feedback, first=True)}"
 
     def admissible(self) -> list[str]:
         return [c for c in self._state["admissible_commands"] if c != "help"]
@@ -296,15 +317,20 @@ class ALFWorld:
         """The planner's commands from the current state to the goal (ALFWorld's planner expert)."""
         return list(self._engine._pddl_state.replan(self._engine._entity_infos))  # planned on demand: it is slow
 
-    def _observe(self, feedback: str) -> str:
+    def _observe(self, feedback: str, first: bool = False) -> str:
         feedback = feedback.strip()
         if self.show_admissible:
             feedback += "\nAdmissible commands: " + ", ".join(self.admissible()) + "."
+        if self.hint == "every" or (self.hint == "first" and first):
+            plan = self.expert_plan()
+            if plan:
+                feedback += f"\nHint: {plan[0]}."
         return feedback
 
     def read_command(self, reply: str) -> str | None:
         """The command a reply gives: its first line, less a leading ``>`` or ``Action:`` and a final full stop;
-        with ``lenient``, else the first admissible command written anywhere in it."""
+        with ``lenient``, else the first admissible command written anywhere in it; with ``lenient: closest``,
+        else the admissible command with the largest share of its words in the reply (the first listed on a tie)."""
         line = next((x for x in reply.strip().splitlines() if x.strip()), "")
         line = re.sub(r"^\s*(>|action:|command:)\s*", "", line.strip(), flags=re.IGNORECASE)
         command = " ".join(line.rstrip(".!").lower().split())
@@ -313,7 +339,11 @@ class ALFWorld:
             return command
         text = " ".join(reply.lower().split())
         found = [(text.find(c), -len(c), c) for c in commands if c in text]
-        return min(found)[2] if found else command
+        if found:
+            return min(found)[2]
+        if self.lenient == "closest":
+            return closest_command(reply, [c for c in commands if c != "help"]) or command
+        return command
 
     def step(self, action: str) -> StepResult:
         if self._state is None:
