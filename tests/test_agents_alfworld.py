@@ -183,3 +183,41 @@ def test_the_trainer_runs_alfworld_episodes(tiny_model_dir, tmp_path):
     rollouts = train_on_environment(tiny_model_dir, tmp_path / "run", "alfworld", "{receptacles: 3, distractors: 1, lenient: true}")
     assert len(rollouts) == 2 and all(0 < r["agent/masked_token_fraction"] < 1 for r in rollouts)
     assert all(r["agent/env_errors"] == 0 and r["agent/turns_mean"] >= 1 for r in rollouts)
+
+
+def test_the_behaviour_cloning_warm_start_learns_only_the_experts_replies(tiny_model_dir):
+    import importlib.util
+    from pathlib import Path
+
+    from dgg.agents.env import EnvironmentTask
+    from dgg.agents.episodes import TurnFormat
+    from dgg.config import ModelConfig
+    from dgg.loading import load_policy
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "alfworld_bc.py"
+    spec = importlib.util.spec_from_file_location("alfworld_bc", script)
+    bc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bc)
+    _, tokenizer = load_policy(ModelConfig(path=str(tiny_model_dir)))
+    tokenizer.chat_template = ("{% for m in messages %}({{ m.role }}){{ m.content }}<eos>{% endfor %}"
+                               "{% if add_generation_prompt %}(assistant){% endif %}")
+    task = EnvironmentTask("alfworld", {"task_types": "pick_and_place_simple", "receptacles": 2, "distractors": 0},
+                           seed=5)
+    env = task.new_environment()
+    env.reset(task.problem("train", 0).meta["env_seed"])
+    plan = env.expert_plan()
+    turns = TurnFormat(tokenizer, chat=True)
+    ids, labels = bc.expert_episode(task, tokenizer, turns, 0)
+    learned = [i for i, label in enumerate(labels) if label != -100]
+    assert [ids[i] for i in learned] == [labels[i] for i in learned]
+    spans, start = [], learned[0]
+    for before, after in zip(learned, learned[1:] + [None]):
+        if after != before + 1:
+            spans.append((start, before + 1))
+            start = after
+    assert [tokenizer.decode(ids[a:b]) for a, b in spans] == [f"{command}<eos>" for command in plan]
+    # Between two replies lies the observation exactly as the episode engine tokenizes it, never learned.
+    env.reset(task.problem("train", 0).meta["env_seed"])
+    observation = turns.observation_ids(env.step(plan[0]).observation, reply_ended=True)
+    assert ids[spans[0][1]:spans[1][0]] == observation
+    assert labels[len(ids) - 1] != -100 and set(labels[:spans[0][0]]) == {-100}  # the prompt is context only
