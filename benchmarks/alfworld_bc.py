@@ -22,17 +22,15 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from dgg.agents.env import EnvironmentTask
 from dgg.agents.episodes import TurnFormat
-from dgg.config import ModelConfig
+from dgg.config import load_config
+from dgg.errors import UserError
 from dgg.loading import load_policy
 from dgg.precision import autocast, resolve_precision
 from dgg.trainer import render_prompt
-
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "alfworld_smollm2.yaml"
 
 
 def expert_episode(task: EnvironmentTask, tokenizer, turn_format: TurnFormat, index: int) -> tuple[list, list]:
@@ -65,7 +63,8 @@ def padded(rows: list[tuple[list, list]], pad: int) -> tuple[torch.Tensor, torch
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default=str(CONFIG), help="the RL config whose model and task.options to use")
+    parser.add_argument("--config", default="alfworld_smollm2",
+                        help="the RL config (a bundled name or a path) whose model, task and precision to use")
     parser.add_argument("--out", required=True, help="directory for the warm-started model (must not exist)")
     parser.add_argument("--episodes", type=int, default=16, help="expert episodes to imitate")
     parser.add_argument("--steps", type=int, default=2, help="two steps taught SmolLM2 the command format and "
@@ -76,18 +75,30 @@ def main(argv=None) -> int:
     parser.add_argument("--task-seed", type=int, default=1_000_003, help="seed space of the expert's rooms; "
                         "keep it apart from the RL config's task.seed so RL's rooms are not the imitated ones")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides of the config, as for dgg train")
     args = parser.parse_args(argv)
+    try:
+        return warm_start(args)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def warm_start(args) -> int:
     out = Path(args.out)
     if out.exists():
-        print(f"--out {out} exists; choose a new directory (a warm start is never overwritten)", file=sys.stderr)
-        return 2
+        raise UserError(f"--out {out} exists; choose a new directory (a warm start is never overwritten)")
+    if min(args.episodes, args.steps, args.batch) < 1 or args.batch > args.episodes:
+        raise UserError("--episodes, --steps and --batch must be positive, and --batch at most --episodes")
+    config = load_config(args.config, args.overrides)
+    if config.task.name != "alfworld":
+        raise UserError(f"--config {args.config}: task.name is {config.task.name!r}; the planner expert is "
+                        "alfworld's")
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = yaml.safe_load(Path(args.config).read_text())
-    task_config = config["task"]
-    task = EnvironmentTask(task_config["name"], task_config.get("options", {}), seed=args.task_seed)
-    model, tokenizer = load_policy(ModelConfig(path=config["model"]["path"]))
-    precision = resolve_precision(config.get("train", {}).get("precision", "auto"), torch.device("cpu"))
+    task = EnvironmentTask("alfworld", config.task.options, seed=args.task_seed)
+    model, tokenizer = load_policy(config.model)
+    precision = resolve_precision(config.train.precision, torch.device("cpu"))
     turn_format = TurnFormat(tokenizer, chat=True)
     started = time.perf_counter()
     episodes = [expert_episode(task, tokenizer, turn_format, i) for i in tqdm(range(args.episodes), desc="expert")]
@@ -113,8 +124,9 @@ def main(argv=None) -> int:
     shutil.rmtree(partial, ignore_errors=True)
     model.save_pretrained(partial)
     tokenizer.save_pretrained(partial)
-    report = {"config": args.config, "task": task_config, "task_seed": args.task_seed, "episodes": args.episodes,
-              "steps": args.steps, "batch": args.batch, "lr": args.lr, "precision": precision,
+    report = {"config": args.config, "overrides": args.overrides, "task_options": config.task.options,
+              "task_seed": args.task_seed, "episodes": args.episodes, "steps": args.steps, "batch": args.batch,
+              "lr": args.lr, "precision": precision,
               "expert_reply_tokens_mean": sum(len(lab) - lab.count(-100) for _, lab in episodes) / len(episodes),
               "seconds_playing": round(played, 1), "seconds_total": round(time.perf_counter() - started, 1),
               "losses": losses}
