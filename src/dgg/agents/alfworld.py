@@ -231,6 +231,7 @@ def generate_problem(seed: int, task_types=TASK_TYPES, receptacles: int = 8, dis
 
 
 def words(text: str) -> set[str]:
+    """Lower-case words and numbers: "Go to the Fridge 1." -> {"go", "to", "the", "fridge", "1"}."""
     return set(re.findall(r"[a-z0-9]+", text.lower()))
 
 
