@@ -189,6 +189,8 @@ def test_replay_of_a_fixed_run_finds_the_live_rules_first_stop(tiny_model_dir, t
     table = capsys.readouterr().out
     assert f"batch {live_stops[0]['batch']}, k = {live_stops[0]['reuse_index']}" in table
     assert "exact only up to each rule's first stop" in table
+    assert cli_main(["replay", str(fixed.run_dir / "metrics.jsonl"), "--rule", "kl", "--set", "target_kl=0.0005"]) == 0
+    assert f"batch {live_stops[0]['batch']}, k = {live_stops[0]['reuse_index']}" in capsys.readouterr().out
     assert cli_main(["replay", str(fixed.run_dir), "--set", "target_kl"]) == 2
     assert cli_main(["replay", str(tmp_path / "nowhere")]) == 2
 

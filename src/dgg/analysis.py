@@ -27,9 +27,11 @@ COLLAPSE_RULE = (f"A run counts as collapsed when its peak accuracy exceeds its 
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
+    """The records of a run's metrics.jsonl; ``run_dir`` may also be such a file itself (a collected log such as
+    benchmarks/results/agents/*.metrics.jsonl)."""
+    path = Path(run_dir) if str(run_dir).endswith(".jsonl") else Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a dgg run directory?")
+        raise FileNotFoundError(f"{path} does not exist: is {run_dir} a dgg run directory or its metrics file?")
     records = []
     for number, line in utf8_lines(path):
         try:

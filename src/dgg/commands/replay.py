@@ -12,7 +12,7 @@ DEFAULT_RULES = ("dgg", "kl", "clip", "m2", "nosignal")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run_dir", help="a run directory (holds metrics.jsonl)")
+    parser.add_argument("run_dir", help="a run directory (holds metrics.jsonl), or a metrics .jsonl file")
     parser.add_argument("--rule", action="append", metavar="RULE",
                         help=f"a rule or combination such as dgg+nosignal; repeat for several "
                              f"(default: {', '.join(DEFAULT_RULES)})")
