@@ -239,8 +239,9 @@ def closest_command(reply: str, commands: list[str]) -> str | None:
     """The command with the largest share of its words in ``reply`` (the first on a tie); None when no command
     shares a word with it."""
     said = words(reply)
-    best = max(commands, key=lambda c: len(said & words(c)) / len(words(c)), default=None)  # max keeps the first
-    return best if best is not None and said & words(best) else None
+    shares = [(len(said & words(c)) / len(words(c)), c) for c in commands]
+    share, best = max(shares, key=lambda pair: pair[0], default=(0, None))  # max keeps the first on a tie
+    return best if share > 0 else None
 
 
 @functools.lru_cache(maxsize=8)  # every episode builds its own environment: walk a folder of thousands of games once
@@ -343,7 +344,7 @@ class ALFWorld:
         if found:
             return min(found)[2]
         if self.lenient == "closest":
-            return closest_command(reply, [c for c in commands if c != "help"]) or command
+            return closest_command(reply, self.admissible()) or command
         return command
 
     def step(self, action: str) -> StepResult:
