@@ -1,4 +1,5 @@
-"""Kill -9 a `dgg train` run at random moments, resume it each time, and compare with a run left alone.
+"""Kill -9 (or SIGTERM, SIGINT) a `dgg train` run at random moments, resume it each time, and compare with a run
+left alone.
 
 Used by tests/test_faults.py (a few kills) and benchmarks/fault_injection.py (many, counted in BENCHMARKS.md)."""
 
@@ -13,7 +14,35 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dgg.tasks import Problem
+
 TIMING_KEYS = ("wall_time", "rollout/seconds", "rollout/scoring_seconds")
+
+RUN = ["rollout.prompts_per_batch=2", "rollout.group_size=4", "rollout.max_new_tokens=4", "eval.every=2",
+       "eval.problems=2", "eval.samples=1", "output.progress=false", "optim.lr=1e-2", "reuse.mode=dgg",
+       "reuse.max_reuse=3", "train.threads=1"]
+
+
+class Digits:
+    name, isolate_reward = "digits", False
+
+    def problem(self, split, index):
+        return Problem(prompt=f"{index % 7}+{index % 5}=", answer="", meta={})
+
+    def split_size(self, split):
+        return None if split == "train" else 4
+
+    def reward(self, completion, answer):
+        return sum(c.isdigit() for c in completion) / max(len(completion), 1), {}
+
+
+def trainer_for(tiny_model_dir, run_dir, *overrides):
+    from dgg.config import load_config
+    from dgg.trainer import GRPOTrainer, load_policy
+
+    config = load_config(None, [f"model.path={tiny_model_dir}", f"output.dir={run_dir}", *RUN, *overrides])
+    model, tokenizer = load_policy(config.model)
+    return GRPOTrainer(config, model, tokenizer, Digits())
 
 
 def deterministic(records: list[dict]) -> list[dict]:
@@ -32,6 +61,8 @@ def dgg_train(args: list[str]) -> subprocess.Popen:
 @dataclass
 class KillReport:
     kills: int = 0
+    clean_stops: int = 0  # SIGTERM/SIGINT: exited 128 + signal after checkpointing, with the one-line message
+    mid_batch_stops: int = 0  # of those, checkpoints that hold a batch in progress
     resumes: int = 0
     restarts_from_scratch: int = 0  # killed before any checkpoint existed
     corrupt: list[str] = field(default_factory=list)  # anything that failed to load or compare
@@ -52,10 +83,11 @@ def checkpoint_loads(run_dir: Path) -> bool:
 
 
 def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills: int, seed: int,
-                    max_delay_s: float = 1.0, timeout_s: float = 600) -> KillReport:
-    """Start the run, kill -9 it ``kills`` times (resuming after each), let it finish, and compare its metrics
-    and final weights with the reference run's. Each kill comes a random 0..max_delay_s after the run has written
-    a new metrics line, so it lands in training, evaluation or checkpointing rather than in start-up."""
+                    max_delay_s: float = 1.0, timeout_s: float = 600, sig: int = signal.SIGKILL) -> KillReport:
+    """Start the run, send it ``sig`` ``kills`` times (resuming after each), let it finish, and compare its
+    metrics and final weights with the reference run's. Each signal comes a random 0..max_delay_s after the run
+    has written a new metrics line, so it lands in training, evaluation or checkpointing rather than in start-up.
+    SIGTERM and SIGINT must end the run with exit code 128 + the signal and a one-line message."""
     rng = random.Random(seed)
     report = KillReport()
     deadline = time.monotonic() + timeout_s
@@ -76,9 +108,16 @@ def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills
                 time.sleep(0.02)
             time.sleep(rng.uniform(0.0, max_delay_s))
             if process.poll() is None:
-                process.send_signal(signal.SIGKILL)
-                process.wait()
+                process.send_signal(sig)
+                process.wait(timeout=max(1.0, deadline - time.monotonic()))
                 report.kills += 1
+                if sig != signal.SIGKILL:
+                    stderr = process.stderr.read()
+                    if process.returncode == 128 + sig and "; continue with dgg train --resume" in stderr:
+                        report.clean_stops += 1
+                        report.mid_batch_stops += holds_a_batch_in_progress(run_dir)
+                    elif process.returncode != 0:  # 0: it had finished before the signal came
+                        report.corrupt.append(f"signal {sig}: exit {process.returncode}: {stderr[-500:]}")
                 try:
                     if not checkpoint_loads(run_dir):
                         report.corrupt.append(f"kill {report.kills}: checkpoint.old without a state file")
@@ -99,6 +138,12 @@ def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills
     if not same_weights:
         report.corrupt.append("final weights differ from the uninterrupted run")
     return report
+
+
+def holds_a_batch_in_progress(run_dir: Path) -> bool:
+    import torch
+
+    return torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=True).get("pending") is not None
 
 
 def final_weights(run_dir: Path) -> dict:

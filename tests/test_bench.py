@@ -130,21 +130,22 @@ def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tiny_mod
     import subprocess
     import sys
 
-    from dgg.experiments import Arm, held_by_this_process, run_arm
+    from dgg.experiments import Arm, run_arm
+    from dgg.run_lock import held
 
     arm = Arm("single", "single-use", ("reuse.mode=single",))
     common = [f"model.path={tiny_model_dir}", *TINY, "train.max_batches=1"]
     run_dir = tmp_path / "out" / "single" / "seed0"
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import sys, time; from pathlib import Path; from dgg.experiments import held_by_this_process\n"
-        f"with held_by_this_process(Path({str(run_dir)!r})) as held:\n"
-        "    print(held, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+        "import sys, time; from pathlib import Path; from dgg.run_lock import held\n"
+        f"with held(Path({str(run_dir)!r})) as mine:\n"
+        "    print(mine, flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "True"
         run_arm(None, common, arm, 0, tmp_path / "out")
         assert not (run_dir / "metrics.jsonl").exists()  # skipped: the other process holds it
-        with held_by_this_process(run_dir) as held:
-            assert not held
+        with held(run_dir) as mine:
+            assert not mine
     finally:
         holder.kill()
         holder.wait()

@@ -5,38 +5,15 @@ applied, and every corrupt file is named."""
 import errno
 import math
 import shutil
+import signal
 
 import pytest
 import torch
 
 from dgg.cli import main as cli_main
-from dgg.config import load_config
 from dgg.tasks import Problem, safe_reward
-from dgg.trainer import GRPOTrainer, load_policy, load_run_config
-from fault_harness import deterministic, kill_and_resume, read_records
-
-RUN = ["rollout.prompts_per_batch=2", "rollout.group_size=4", "rollout.max_new_tokens=4", "eval.every=2",
-       "eval.problems=2", "eval.samples=1", "output.progress=false", "optim.lr=1e-2", "reuse.mode=dgg",
-       "reuse.max_reuse=3", "train.threads=1"]
-
-
-class Digits:
-    name, isolate_reward = "digits", False
-
-    def problem(self, split, index):
-        return Problem(prompt=f"{index % 7}+{index % 5}=", answer="", meta={})
-
-    def split_size(self, split):
-        return None if split == "train" else 4
-
-    def reward(self, completion, answer):
-        return sum(c.isdigit() for c in completion) / max(len(completion), 1), {}
-
-
-def trainer_for(tiny_model_dir, run_dir, *overrides):
-    config = load_config(None, [f"model.path={tiny_model_dir}", f"output.dir={run_dir}", *RUN, *overrides])
-    model, tokenizer = load_policy(config.model)
-    return GRPOTrainer(config, model, tokenizer, Digits())
+from dgg.trainer import GRPOTrainer, load_run_config
+from fault_harness import RUN, Digits, deterministic, kill_and_resume, read_records, trainer_for
 
 
 def optimizer_snapshot(trainer):
@@ -51,6 +28,17 @@ def test_kill_9_at_random_moments_then_resume_equals_a_run_left_alone(tiny_model
     report = kill_and_resume(args, tmp_path / "killed", tmp_path / "alone", kills=3, seed=0, max_delay_s=0.5)
     assert report.corrupt == [] and report.identical, report
     assert report.kills >= 1 and report.resumes >= 1, report  # kills landed after training began
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_or_sigint_at_random_moments_then_resume_equals_a_run_left_alone(tiny_model_dir, tmp_path, sig):
+    args = ["--model", str(tiny_model_dir), *RUN, "train.max_batches=12", "train.checkpoint_every=4",
+            "reuse.mini_batches=2", "task.test_size=4"]
+    assert cli_main(["train", *args, "--output", str(tmp_path / "alone")]) == 0
+    report = kill_and_resume(args, tmp_path / "stopped", tmp_path / "alone", kills=3, seed=1, max_delay_s=0.5,
+                             sig=sig)
+    assert report.corrupt == [] and report.identical, report
+    assert report.clean_stops >= 1 and report.clean_stops == report.kills, report  # each one checkpointed
 
 
 @pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EROFS])

@@ -327,6 +327,32 @@ def test_gate_state_is_saved_with_checkpoints_and_restored(tiny_model_dir, tmp_p
     assert restored["increments"][1] == pytest.approx(restored["last_accepted_energy"] - saved["last_accepted_energy"])
 
 
+def test_sigterm_saves_a_checkpoint_with_the_rule_state_and_stops_after_the_step(tiny_model_dir, tmp_path):
+    import signal
+
+    from dgg.preemption import RunStopped
+
+    trainer = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=4)
+
+    class TermDuringStep2(TrainerCallback):  # the signal lands inside optimizer step 2, before it is taken
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.add_callback(TermDuringStep2())
+    with pytest.raises(RunStopped, match="SIGTERM after optimizer step 2") as stopped:
+        trainer.train()
+    assert stopped.value.exit_code == 143
+    assert trainer.state.global_step == 2  # step 2 completed; steps 3 and 4 never ran
+    saved = json.loads((tmp_path / "checkpoint-2" / GATE_STATE_FILE).read_text())
+    assert saved["observations"] == 2 and saved["reuse_rule"]["rules"] == ["dgg"]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lived only during train()
+
+    resumed = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=4)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert resumed.state.global_step == 4 and resumed.dgg_gate.observations == 4
+
+
 # a real 2-process gloo group; ~25 s on 2 cores, mostly process start-up
 def test_two_processes_make_the_same_gate_decisions(tiny_model_dir, tmp_path):
     # `--cpu` would pick accelerate's single-process (MPI) launcher; `--multi_gpu` is its torchrun launcher, and

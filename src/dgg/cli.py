@@ -8,6 +8,7 @@ import importlib
 import sys
 
 from dgg.errors import UserError
+from dgg.preemption import RunStopped
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(modules[args.command].run(args) or 0)
+    except RunStopped as stop:  # SIGTERM/SIGINT: the run checkpointed where it stood
+        how = f"dgg train --resume {stop.run_dir}" if args.command == "train" else "the same command"
+        print(f"dgg {args.command}: {stop}; continue with {how}", file=sys.stderr)
+        return stop.exit_code
     except (UserError, OSError) as err:
         # One error path: a user error is one line naming what to fix, exit 2; --debug shows where it arose.
         if args.debug:

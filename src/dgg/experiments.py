@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +20,10 @@ from dgg.analysis import (
     summary_dict,
 )
 from dgg.config import load_config
+from dgg.run_lock import held
 
 log = logging.getLogger("dgg.experiments")
 DONE = "done.json"
-LOCK = ".running.lock"
 
 
 @dataclass(frozen=True)
@@ -67,34 +65,12 @@ def run_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int
     if (run_dir / DONE).is_file() and not force:
         log.info("%s seed %d: already finished, skipped (%s)", arm.name, seed, run_dir)
         return run_dir
-    with held_by_this_process(run_dir) as held:
-        if not held:
+    with held(run_dir) as mine:  # two `dgg bench` processes sharing one --out split its runs
+        if not mine:
             log.warning("%s seed %d: another process is running it, skipped (%s)", arm.name, seed, run_dir)
         elif force or not (run_dir / DONE).is_file():  # it may have finished while we waited for the lock
             _train_arm(config, overrides, arm, seed, run_dir, force)
     return run_dir
-
-
-@contextmanager
-def held_by_this_process(run_dir: Path) -> Iterator[bool]:
-    """Whether this process may train ``run_dir``: two ``dgg bench`` processes sharing one ``--out`` split its
-    runs instead of training the same one twice. The lock is the OS's (``flock``), so it ends with its process."""
-    run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        import fcntl
-    except ImportError:  # no flock (Windows): one process per --out
-        yield True
-        return
-    with open(run_dir / LOCK, "a") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _train_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int, run_dir: Path,

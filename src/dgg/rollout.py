@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import time
 from dataclasses import dataclass, field
 
@@ -54,6 +55,27 @@ class RolloutBatch:
             reference_logprobs=pick(self.reference_logprobs),
             reward_infos=[self.reward_infos[i] for i in rows] if self.reward_infos else [],
         )
+
+    TENSORS = ("input_ids", "attention_mask", "completion_mask", "old_logprobs", "rewards", "advantages",
+               "reference_logprobs")
+
+    def to_state(self) -> dict | None:
+        """The batch as tensors plus one JSON string, so that a checkpoint holding it loads with
+        ``weights_only``; None when a problem's meta or a reward's info is not JSON (it cannot be saved)."""
+        try:
+            text = json.dumps({"problems": [[p.prompt, p.answer, p.meta] for p in self.problems],
+                               "completions": self.completions, "prompt_length": self.prompt_length,
+                               "reward_infos": self.reward_infos, "generation_seconds": self.generation_seconds,
+                               "scoring_seconds": self.scoring_seconds})
+        except (TypeError, ValueError):
+            return None
+        return {"json": text, **{name: getattr(self, name) for name in self.TENSORS}}
+
+    @classmethod
+    def from_state(cls, state: dict) -> RolloutBatch:
+        rest = json.loads(state["json"])
+        rest["problems"] = [Problem(prompt, answer, meta) for prompt, answer, meta in rest["problems"]]
+        return cls(**rest, **{name: state[name] for name in cls.TENSORS})
 
 
 def position_ids_for(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -33,6 +33,7 @@ from dgg.energy_split import EnergySplit
 from dgg.loading import load_policy, resolve_device, resolve_model_path  # noqa: F401 (re-exported)
 from dgg.loss import ratio_statistics
 from dgg.precision import autocast, bf16_warning, machine_threads, resolve_precision
+from dgg.preemption import RunStopped, StopFlag, stop_signals
 from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse_rules import AttemptSignals, DGGRule, Verdict, make_rule
@@ -50,6 +51,7 @@ from dgg.run_io import (  # noqa: F401 (load_run_config and the constants are re
     truncate_to,
     write_checkpoint,
 )
+from dgg.run_lock import lock_or_refuse, unlock
 from dgg.samplers import make_sampler
 from dgg.tasks import Problem, make_task, resolve_prompt_format, safe_reward
 from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
@@ -107,6 +109,15 @@ class GRPOTrainer:
     def __init__(self, config: Config, model=None, tokenizer=None, task=None, resume_from: Path | None = None):
         self.config = config
         self.run_dir = Path(config.output.dir)
+        lock_or_refuse(self.run_dir)  # one writer per run directory, before anything in it changes
+        self._holds_lock = True
+        try:
+            self._build(config, model, tokenizer, task, resume_from)
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _build(self, config: Config, model, tokenizer, task, resume_from: Path | None) -> None:
         if resume_from is None:  # before anything slow: a typo must not cost a model load, nor a run
             prepare_fresh_run_dir(self.run_dir, config.output.overwrite)
         if config.train.threads or torch.get_num_threads() > machine_threads():  # never oversubscribe the cores
@@ -177,6 +188,8 @@ class GRPOTrainer:
         self._sampled_ids: list[torch.Tensor] = []
         self._last_checkpoint_time = time.monotonic()
         self._last_checkpoint_batch = -1
+        self.stop = StopFlag()  # set by SIGTERM/SIGINT while train() runs
+        self._pending: tuple[RolloutBatch, tuple[int, int]] | None = None  # a batch a stop interrupted
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -193,35 +206,71 @@ class GRPOTrainer:
     # Algorithm 1, line 1: for each training iteration
     def train(self) -> RunState:
         cfg = self.config
-        progress = _progress_bar(cfg.train.max_batches, self.state.batch, cfg.output.progress)
+        if not self._holds_lock:  # train() called again after it returned
+            lock_or_refuse(self.run_dir)
+            self._holds_lock = True
+        progress = _progress_bar(cfg.train.max_batches, self.state.batch - (self._pending is not None),
+                                 cfg.output.progress)
         self._clock = time.perf_counter()
         try:
-            if self.state.batch == 0:
-                self.evaluate()
-            while self.state.batch < cfg.train.max_batches:
-                batch = self.collect_rollouts()  # line 2; records of this batch carry its 1-based number
-                reuse_count = self.reuse(batch)  # lines 3–12
-                self._log_rollout(batch, reuse_count)
-                if cfg.eval.every and (self.state.batch % cfg.eval.every == 0
-                                       or self.state.batch == cfg.train.max_batches):
-                    self.evaluate()
-                if cfg.profile.c_struct_every and self.state.batch % cfg.profile.c_struct_every == 0:
-                    self.measure_c_struct()
-                if self._checkpoint_due():
-                    self.save_checkpoint()
-                progress.update(1)
-                progress.set_postfix(reward=f"{float(batch.rewards.mean()):.2f}", reuse=reuse_count,
-                                     discards=self.gate.discards_by_reason.get("zscore", 0))
-            if self._last_checkpoint_batch != self.state.batch:
-                self.save_checkpoint()
-            if self.state.bound_violations:
-                log.warning("Theorem 2's bound was exceeded on %d updates (theory/bound_violations)",
-                            self.state.bound_violations)
+            with stop_signals(self.stop):
+                self._train_batches(progress)
         finally:
             progress.close()
             self.metrics.close()
             self.probe.close()
+            self._release_lock()
         return self.state
+
+    def _train_batches(self, progress) -> None:
+        cfg = self.config
+        if self.state.batch == 0:
+            self.evaluate()
+        while self._pending is not None or self.state.batch < cfg.train.max_batches:
+            if self._pending is not None:  # resumed inside the batch a stop signal interrupted
+                (batch, start), self._pending = self._pending, None
+            else:
+                self._stop_if_requested()
+                batch, start = self.collect_rollouts(), (1, 0)  # line 2; its records carry its 1-based number
+            reuse_count = self.reuse(batch, start)  # lines 3–12
+            self._log_rollout(batch, reuse_count)
+            if cfg.eval.every and (self.state.batch % cfg.eval.every == 0
+                                   or self.state.batch == cfg.train.max_batches):
+                self.evaluate()
+            if cfg.profile.c_struct_every and self.state.batch % cfg.profile.c_struct_every == 0:
+                self.measure_c_struct()
+            if self._checkpoint_due():
+                self.save_checkpoint()
+            progress.update(1)
+            progress.set_postfix(reward=f"{float(batch.rewards.mean()):.2f}", reuse=reuse_count,
+                                 discards=self.gate.discards_by_reason.get("zscore", 0))
+        if self._last_checkpoint_batch != self.state.batch:
+            self.save_checkpoint()
+        if self.state.bound_violations:
+            log.warning("Theorem 2's bound was exceeded on %d updates (theory/bound_violations)",
+                        self.state.bound_violations)
+
+    def _stop_if_requested(self, batch: RolloutBatch | None = None, position: tuple[int, int] = (1, 0)) -> None:
+        """After a stop signal: checkpoint here, between two update attempts (with the batch in progress and
+        where its reuse stands) or between two batches, and raise :class:`RunStopped`."""
+        if not self.stop.requested:
+            return
+        pending = None
+        if batch is not None:
+            if (saved := batch.to_state()) is None:  # cannot be saved: finish the batch, stop after it
+                return
+            pending = {"batch": saved, "reuse_index": position[0], "mini_batch": position[1]}
+        if pending is not None or self._last_checkpoint_batch != self.state.batch:
+            self.save_checkpoint(pending)
+        where = f"inside batch {self.state.batch}, after update {self.state.updates}" if pending \
+            else f"after batch {self.state.batch}"
+        raise RunStopped(self.stop.signum, self.run_dir,
+                         f"stopped by {self.stop.name} {where}; checkpoint saved in {self.run_dir / CHECKPOINT}")
+
+    def _release_lock(self) -> None:
+        if self._holds_lock:
+            unlock(self.run_dir)
+            self._holds_lock = False
 
     def _checkpoint_due(self) -> bool:
         every, minutes = self.config.train.checkpoint_every, self.config.train.checkpoint_minutes
@@ -305,11 +354,15 @@ class GRPOTrainer:
                 f"the reward, then continue with --resume {self.run_dir} (its last checkpoint is kept)")
 
     # Algorithm 1, lines 3–12: for k = 1..K, update unless the gate says stop
-    def reuse(self, batch: RolloutBatch) -> int:
-        """Returns how many passes over the batch were applied in full."""
+    def reuse(self, batch: RolloutBatch, start: tuple[int, int] = (1, 0)) -> int:
+        """Returns how many passes over the batch were applied in full. ``start`` (pass, mini-batch) resumes a
+        batch that a stop signal interrupted; a stop signal ends it between two attempts."""
         cfg = self.config.reuse
-        for reuse_index in range(1, cfg.passes + 1):
-            for mini_batch in self._mini_batches(batch, reuse_index):
+        for reuse_index in range(start[0], cfg.passes + 1):
+            for position, mini_batch in enumerate(self._mini_batches(batch, reuse_index)):
+                if (reuse_index, position) < start:
+                    continue
+                self._stop_if_requested(batch, (reuse_index, position))
                 if not self.update(mini_batch, reuse_index):
                     return reuse_index - 1  # discard & terminate reuse (line 8)
         return cfg.passes
@@ -564,7 +617,8 @@ class GRPOTrainer:
         self._clock = time.perf_counter()
 
     # --- checkpoints: written to a temporary directory, then renamed, so the last good one survives a crash ---
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, pending: dict | None = None) -> Path:
+        """``pending``: the batch a stop signal interrupted and where its reuse stands (None between batches)."""
         self._tick()
         final = write_checkpoint(self.run_dir, self.model, self.tokenizer, {
             "state": asdict(self.state),
@@ -579,6 +633,7 @@ class GRPOTrainer:
             "metrics_offset": self.metrics.offset(),
             "reward_errors_offset": self._reward_errors_path.stat().st_size if self._reward_errors_path.exists()
             else 0,
+            "pending": pending,
         })
         self._last_checkpoint_time, self._last_checkpoint_batch = time.monotonic(), self.state.batch
         self._clock = time.perf_counter()
@@ -604,6 +659,10 @@ class GRPOTrainer:
         truncate_to(metrics_path, saved["metrics_offset"])
         truncate_to(self._reward_errors_path, saved.get("reward_errors_offset"))
         self._last_checkpoint_batch = self.state.batch
+        if (pending := saved.get("pending")) is not None:  # stopped inside a batch: it goes on from there
+            self._pending = (RolloutBatch.from_state(pending["batch"]),
+                             (int(pending["reuse_index"]), int(pending["mini_batch"])))
+            self._last_checkpoint_batch = -1  # that batch's end still needs its own checkpoint
 
 
 DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop",
@@ -642,14 +701,19 @@ def _progress_bar(total: int, initial: int, enabled: bool):
 def train(config: Config, resume: str | Path | None = None) -> GRPOTrainer:
     """Build a trainer (fresh or resumed) and run it; returns the finished trainer."""
     resume_from = None
-    if resume is not None:
-        resume_from = find_checkpoint(Path(resume))
-        if resume_from is None:  # nothing was saved, so nothing is lost: start it again, from a clean directory
-            log.warning("--resume %s: the run stopped before its first checkpoint; starting it again from batch 0",
-                        resume)
-            config.output.overwrite = True
-    trainer = GRPOTrainer(config, resume_from=resume_from)
-    trainer.train()
+    run_dir = Path(resume) if resume is not None else Path(config.output.dir)
+    lock_or_refuse(run_dir)  # before find_checkpoint, which may repair the directory
+    try:
+        if resume is not None:
+            resume_from = find_checkpoint(run_dir)
+            if resume_from is None:  # nothing was saved, so nothing is lost: start it again, from a clean directory
+                log.warning("--resume %s: the run stopped before its first checkpoint; starting it again from "
+                            "batch 0", resume)
+                config.output.overwrite = True
+        trainer = GRPOTrainer(config, resume_from=resume_from)
+        trainer.train()
+    finally:
+        unlock(run_dir)
     return trainer
 
 

@@ -37,9 +37,11 @@ except ImportError as error:  # trl is an optional extra
     ) from error
 
 from accelerate.utils import DistributedType, broadcast
+from transformers import TrainerCallback
 
 from dgg.gate import GradientGate, check_gate_settings
 from dgg.loss import ratio_statistics
+from dgg.preemption import RunStopped, StopFlag, stop_signals
 from dgg.reuse_rules import KL_ESTIMATORS, AttemptSignals, RuleSettings, Verdict, make_rule, parse_rule_names
 
 GATE_STATE_FILE = "dgg_gate_state.json"
@@ -202,6 +204,8 @@ class DGGGRPOTrainer(GRPOTrainer):
                 "every GRPOConfig argument plus dgg_enabled, dgg_tau, dgg_window, dgg_history and dgg_tied."
             )
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
+        self.dgg_stop = StopFlag()  # SIGTERM/SIGINT during train(): save a checkpoint at the step's end, stop
+        self.add_callback(_SaveAndStopOnSignal(self.dgg_stop))
         self.dgg_gate: GradientGate | None = None
         self.dgg_rule = None
         self.dgg_last_decision: Verdict | None = None
@@ -364,11 +368,32 @@ class DGGGRPOTrainer(GRPOTrainer):
 
             self._dgg_probe = LMHeadGradProbe(self.model, tied=self.args.dgg_tied)
         try:
-            return super().train(*args, **kwargs)
+            with stop_signals(self.dgg_stop):
+                output = super().train(*args, **kwargs)
         finally:
             if self._dgg_probe is not None:
                 self._dgg_probe.close()
                 self._dgg_probe = None
+        if self.dgg_stop.requested:
+            raise RunStopped(self.dgg_stop.signum, self.args.output_dir,
+                             f"stopped by {self.dgg_stop.name} after optimizer step {self.state.global_step}; "
+                             f"checkpoint-{self.state.global_step} (with {GATE_STATE_FILE}) saved in "
+                             f"{self.args.output_dir}; continue with trainer.train(resume_from_checkpoint=True)")
+        return output
+
+
+class _SaveAndStopOnSignal(TrainerCallback):
+    """After a stop signal, the optimizer step in flight completes; then Trainer saves a checkpoint (the rule's
+    state with it) and ends training, as PyTorch Lightning and Accelerate do on SIGTERM."""
+
+    def __init__(self, flag: StopFlag):
+        self.flag = flag
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.flag.requested:
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 def skip_scaled_optimizer_step(optimizer, scaler) -> None:
