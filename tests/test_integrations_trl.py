@@ -395,3 +395,26 @@ def test_the_kl_rule_stops_reuse_inside_trl_with_sb3_semantics(tiny_model_dir, t
 def test_unknown_rule_names_are_refused_by_the_config(tmp_path):
     with pytest.raises(ValueError, match="valid rules"):
         DGGGRPOConfig(**tiny_config_kwargs(str(tmp_path), dgg_rule="sb3"))
+
+
+def test_the_gradnorm_rule_reads_the_pre_clip_global_norm_inside_trl(tiny_model_dir, tmp_path):
+    def first_step(max_grad_norm):
+        trainer = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path / str(max_grad_norm),
+                               max_steps=1, dgg_rule="gradnorm", dgg_gradnorm_window=19, max_grad_norm=max_grad_norm)
+        seen = []
+
+        class Norms(TrainerCallback):  # Trainer calls it after clipping, just before the optimizer
+            def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+                seen.append(math.sqrt(sum(float(p.grad.float().pow(2).sum()) for p in model.parameters()
+                                          if p.grad is not None)))
+
+        trainer.add_callback(Norms())
+        trainer.train()
+        assert trainer.dgg_last_decision.values == {"gradnorm/ready": False}  # 1 of the 20 norms it needs
+        return trainer.dgg_last_signals.grad_norm, seen[0]
+
+    read, after_no_clip = first_step(1e9)
+    assert read == pytest.approx(after_no_clip, rel=1e-5) and read > 1e-3  # the global norm
+    read_clipped, after_clip = first_step(1e-6)
+    assert after_clip == pytest.approx(1e-6, rel=1e-3)
+    assert read_clipped == pytest.approx(read, rel=1e-6)  # read before clipping

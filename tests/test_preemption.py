@@ -13,7 +13,7 @@ import torch
 
 from dgg.cli import main as cli_main
 from dgg.experiments import Arm, run_arm
-from dgg.preemption import RunStopped, StopFlag, stop_signals
+from dgg.preemption import RunStopped, stop_requested, stop_signals
 from dgg.trainer import GRPOTrainer, load_run_config
 from fault_harness import (
     RUN,
@@ -57,13 +57,18 @@ def resume(run_dir):
     return resumed
 
 
-def test_the_first_signal_only_sets_the_flag_and_handlers_are_restored():
-    flag = StopFlag()
+def test_the_first_signal_only_sets_the_flag_nested_blocks_share_it_and_handlers_are_restored():
     before = signal.getsignal(signal.SIGTERM)
-    with stop_signals(flag):
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert flag.requested and flag.name == "SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is before
+    with stop_signals() as flag:
+        assert not flag.requested and not stop_requested()
+        with stop_signals() as inner:
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert inner is flag and flag.requested and flag.name == "SIGTERM" and stop_requested()
+        assert stop_requested()  # the inner block's end neither clears the flag nor restores the handler
+        assert signal.getsignal(signal.SIGTERM) is not before
+    assert signal.getsignal(signal.SIGTERM) is before and not stop_requested()
+    with stop_signals() as flag:
+        assert not flag.requested  # a new outermost block starts clear
     assert RunStopped(signal.SIGTERM, "d", "m").exit_code == 143 and RunStopped(signal.SIGINT, "d", "m").exit_code == 130
 
 
@@ -195,3 +200,24 @@ def test_a_bench_arm_stopped_by_sigterm_continues_where_it_stopped(tiny_model_di
     run_arm(None, common, arm, 0, tmp_path / "out")  # the same command again
     assert (run_dir / "done.json").is_file()
     assert same_run(run_dir, tmp_path / "alone" / "fixed" / "seed0")
+
+
+def test_a_signal_between_two_bench_arms_starts_no_other_arm(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import dgg.experiments as experiments
+
+    real_train_arm = experiments._train_arm
+
+    def train_arm_then_signal(*args, **kwargs):
+        real_train_arm(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)  # lands after the arm finished, before the next one
+
+    monkeypatch.setattr(experiments, "_train_arm", train_arm_then_signal)
+    out = tmp_path / "bench"
+    code = cli_main(["bench", "main", "--seeds", "1", "--arms", "single,fixed_k4", "--out", str(out),
+                     f"model.path={tiny_model_dir}", "train.max_batches=1", "rollout.prompts_per_batch=2",
+                     "rollout.group_size=2", "rollout.max_new_tokens=2", "eval.every=0", "output.progress=false",
+                     "train.threads=1", "profile.weights_every=0"])
+    assert code == 143
+    assert (out / "single" / "seed0" / "done.json").is_file() and not (out / "fixed_k4").exists()
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "stopped by SIGTERM before fixed_k4 seed 0; continue with the same command")

@@ -60,6 +60,54 @@ def test_no_signal_guard_drops_batches_without_advantage_and_spent_reuse_steps()
     assert off.observe(attempt(2, energy=0.0)).apply
 
 
+def norm(value, k=1):
+    return AttemptSignals(reuse_index=k, grad_norm=value)
+
+
+def test_gradnorm_skip_has_olmo_core_semantics_by_hand():
+    rule = make_rule("gradnorm", RuleSettings(gradnorm_window=20, gradnorm_sigma=6.0))
+    # OLMo-core tests once max(20, N // 2) = 20 norms, this one included, are in: 19 before it pass untested.
+    for i in range(19):
+        verdict = rule.observe(norm(100.0 if i == 0 else (1.0 if i % 2 else 3.0)))
+        assert verdict.apply and verdict.values == {"gradnorm/ready": False}
+    # Window (19 norms): 100, then nine 1s and nine 3s alternating. Mean = 136 / 19, sample std by hand:
+    previous = [100.0] + [1.0 if i % 2 else 3.0 for i in range(1, 19)]
+    mean = 136 / 19
+    std = math.sqrt(sum((v - mean) ** 2 for v in previous) / 18)
+    verdict = rule.decide(norm(100.0))
+    assert verdict.apply and verdict.values["gradnorm/z"] == pytest.approx(abs(100.0 - mean) / std)
+    rule.rules[0].record(norm(100.0), True)
+    # Now 20 previous norms: 100, nine 1s, nine 3s, 100 -> mean 236 / 20 = 11.8,
+    # std = sqrt((2 * 88.2² + 9 * 10.8² + 9 * 8.8²) / 19) = sqrt(910.8).
+    std = math.sqrt((2 * 88.2 ** 2 + 9 * 10.8 ** 2 + 9 * 8.8 ** 2) / 19)
+    assert std == pytest.approx(math.sqrt(910.8))
+    below, above = 11.8 + 5.99 * std, 11.8 + 6.01 * std
+    assert rule.decide(norm(below)).apply
+    dropped = rule.decide(norm(above, k=1))  # at k = 1 too: it is a spike guard, not only a reuse stop
+    assert not dropped.apply and dropped.reason == "gradnorm" and dropped.values["gradnorm/z"] == pytest.approx(6.01)
+    assert not rule.decide(norm(11.8 - 6.01 * std)).apply  # |z|: a collapse of the norm counts as well
+    # A dropped step's norm still enters the window (OLMo-core appends before deciding); the oldest leaves.
+    rule.rules[0].record(norm(above), False)
+    assert rule.rules[0].history == [*previous[1:], 100.0, above]
+
+
+def test_gradnorm_skip_window_of_identical_norms_state_and_bad_settings():
+    rule = make_rule("gradnorm", RuleSettings(gradnorm_window=19))
+    for _ in range(19):
+        rule.observe(norm(2.0))
+    assert rule.decide(norm(2.0)).apply and rule.decide(norm(2.0)).values["gradnorm/z"] == 0.0
+    assert not rule.decide(norm(2.5)).apply  # any other norm is infinitely far from a constant window
+    restored = make_rule("gradnorm", RuleSettings(gradnorm_window=19))
+    restored.load_state_dict(json.loads(json.dumps(rule.state_dict())))
+    assert restored.rules[0].history == [2.0] * 19 and not restored.decide(norm(2.5)).apply
+    with pytest.raises(RuleSignalMissing, match="grad_norm"):
+        rule.decide(AttemptSignals(reuse_index=1))
+    with pytest.raises(ConfigError, match="reuse.gradnorm_window"):  # 18 previous norms would never arm the test
+        load_config(None, ["reuse.gradnorm_window=18"])
+    with pytest.raises(ConfigError, match="reuse.gradnorm_sigma"):
+        load_config(None, ["reuse.gradnorm_sigma=0"])
+
+
 def test_dgg_rule_decides_exactly_as_the_gate():
     energies = [1.0, 0.1, 0.1, 0.2, 1.1, 0.1, 0.12, 0.5, 0.9, 1.2, 0.1, 3.0]
     ks = [1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4]
@@ -106,7 +154,7 @@ def test_rule_state_is_json_and_restores_identical_decisions():
 
 def test_unknown_or_repeated_rule_names_are_refused_with_the_valid_ones():
     assert parse_rule_names("dgg+nosignal") == ["dgg", "nosignal"]
-    with pytest.raises(ValueError, match="valid rules: dgg, kl, clip, m2, nosignal, none"):
+    with pytest.raises(ValueError, match="valid rules: dgg, kl, clip, m2, nosignal, gradnorm, none"):
         make_rule("dgg+kll")
     with pytest.raises(ValueError, match="twice"):
         make_rule("kl+kl")

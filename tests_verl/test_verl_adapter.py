@@ -68,7 +68,7 @@ def test_settings_come_from_named_environment_variables():
     ({"DGG_TAU": "half"}, "DGG_TAU='half' is not a valid float"),
     ({"DGG_WINDOW": "2.5"}, "DGG_WINDOW='2.5' is not a valid int"),
     ({"DGG_RULE": "kl"}, "needs DGG_KL_ESTIMATOR=k1"),
-    ({"DGG_RULE": "m2"}, "valid under verl: dgg, kl, clip, nosignal, none"),
+    ({"DGG_RULE": "m2"}, "valid under verl: dgg, kl, clip, nosignal, gradnorm, none"),
 ])
 def test_bad_settings_name_the_variable(environ, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):

@@ -8,7 +8,7 @@ import importlib
 import sys
 
 from dgg.errors import UserError
-from dgg.preemption import RunStopped
+from dgg.preemption import RunStopped, stop_signals
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -21,6 +21,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "replay": ("dgg.commands.replay", "where reuse rules (dgg, kl, clip, ...) would have stopped on a run's log"),
     "model": ("dgg.commands.model", "list or fetch the named real models (e.g. smollm2-135m-instruct)"),
 }
+
+
+STOPPABLE = ("train", "demo", "bench")  # SIGTERM/SIGINT: checkpoint, one line, exit 128 + signal (preemption.py)
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
@@ -52,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in STOPPABLE:  # a stop signal during loading or between arms is honoured too
+            with stop_signals():
+                return int(modules[args.command].run(args) or 0)
         return int(modules[args.command].run(args) or 0)
     except RunStopped as stop:  # SIGTERM/SIGINT: the run checkpointed where it stood
         how = f"dgg train --resume {stop.run_dir}" if args.command == "train" else "the same command"

@@ -189,7 +189,8 @@ class ReuseConfig:
     rule: str | None = None
     """Which reuse rule decides, per attempt and before the optimizer, to drop the step and end the batch's
     reuse (dgg.reuse_rules): ``dgg`` (the paper's gate), ``kl`` (SB3's target_kl), ``clip``, ``m2``,
-    ``nosignal``, ``none``, or several joined with ``+`` (``dgg+nosignal``). null: ``dgg`` in dgg mode,
+    ``nosignal``, ``gradnorm`` (OLMo-core's grad-norm step skip), ``none``, or several joined with ``+``
+    (``dgg+nosignal``). null: ``dgg`` in dgg mode,
     ``none`` in single and fixed mode."""
     target_kl: float = 0.02
     """kl rule: stop when the attempt's approximate KL to π_old exceeds 1.5 × target_kl (SB3's semantics)."""
@@ -203,6 +204,12 @@ class ReuseConfig:
     signal_floor: float = 1e-3
     """nosignal rule: at k > 1, drop a step whose lm_head energy is below signal_floor × the batch's k = 1
     energy (0 disables that part; a batch with no non-zero advantage is always dropped)."""
+    gradnorm_window: int = 128
+    """gradnorm rule: how many previous global gradient norms form the mean and standard deviation (OLMo-core's
+    rolling_interval_length, default 128); the test starts once max(20, window // 2) norms are in."""
+    gradnorm_sigma: float = 6.0
+    """gradnorm rule: drop a step whose norm is more than this many standard deviations from the window's mean
+    (OLMo-core's sigma_factor, default 6)."""
 
     def __post_init__(self):
         _check(self.mode in REUSE_MODES, "reuse.mode", f"one of {REUSE_MODES}", self.mode)
@@ -224,6 +231,9 @@ class ReuseConfig:
         _check(self.target_clip > 0, "reuse.target_clip", "> 0", self.target_clip)
         _check(self.target_m2 > 0, "reuse.target_m2", "> 0", self.target_m2)
         _check(self.signal_floor >= 0, "reuse.signal_floor", ">= 0", self.signal_floor)
+        _check(isinstance(self.gradnorm_window, int) and self.gradnorm_window >= 19, "reuse.gradnorm_window",
+               "an integer >= 19 (the test needs 20 norms, the current one included)", self.gradnorm_window)
+        _check(self.gradnorm_sigma > 0, "reuse.gradnorm_sigma", "> 0", self.gradnorm_sigma)
 
     @property
     def rule_spec(self) -> str:
@@ -233,7 +243,8 @@ class ReuseConfig:
     def rule_settings(self) -> RuleSettings:
         return RuleSettings(tau=self.tau, window=self.window, history=self.history, target_kl=self.target_kl,
                             kl_estimator=self.kl_estimator, target_clip=self.target_clip,
-                            target_m2=self.target_m2, signal_floor=self.signal_floor)
+                            target_m2=self.target_m2, signal_floor=self.signal_floor,
+                            gradnorm_window=self.gradnorm_window, gradnorm_sigma=self.gradnorm_sigma)
 
     @property
     def passes(self) -> int:

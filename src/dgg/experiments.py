@@ -20,6 +20,7 @@ from dgg.analysis import (
     summary_dict,
 )
 from dgg.config import load_config
+from dgg.preemption import STOP, RunStopped, stop_requested
 from dgg.run_lock import held
 
 log = logging.getLogger("dgg.experiments")
@@ -62,6 +63,8 @@ def run_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int
     """Train one arm for one seed unless it already finished or another process is training it; returns its run
     directory."""
     run_dir = run_dir_for(out, arm, seed)
+    if stop_requested():  # a stop signal came between two arms: start no other
+        raise RunStopped(STOP.signum, run_dir, f"stopped by {STOP.name} before {arm.name} seed {seed}")
     if (run_dir / DONE).is_file() and not force:
         log.info("%s seed %d: already finished, skipped (%s)", arm.name, seed, run_dir)
         return run_dir

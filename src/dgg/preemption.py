@@ -34,6 +34,9 @@ class StopFlag:
         return signal.Signals(self.signum).name if self.signum is not None else ""
 
 
+STOP = StopFlag()  # the process's one flag: every trainer in it stops on the same request
+
+
 class RunStopped(Exception):
     """A run stopped at a signal's request after checkpointing; ``exit_code`` is 128 + the signal number."""
 
@@ -43,24 +46,45 @@ class RunStopped(Exception):
         self.exit_code = 128 + signum
 
 
+_installed = 0  # depth of nested stop_signals() blocks in this process
+
+
+def stop_requested() -> bool:
+    """Whether a stop signal has come inside the stop_signals() block running now."""
+    return bool(_installed) and STOP.requested
+
+
 @contextmanager
-def stop_signals(flag: StopFlag) -> Iterator[StopFlag]:
-    """Within the block, the first SIGTERM or SIGINT sets ``flag``; a second one of either ends the process at
-    once. Handlers are only installed from the main thread (Python allows no other) and are restored after."""
+def stop_signals() -> Iterator[StopFlag]:
+    """Within the block, the first SIGTERM or SIGINT sets the process's :data:`STOP` flag; a second one of either
+    ends the process at once. The outermost block clears the flag and installs the handlers (from the main thread
+    only: Python allows no other), and restores the previous ones after; inner blocks share them. So a `dgg`
+    command that wraps its whole run also covers model loading and the moments between two bench arms."""
+    global _installed
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield STOP
+        return
+    if _installed:
+        _installed += 1
+        try:
+            yield STOP
+        finally:
+            _installed -= 1
         return
 
     def request_stop(signum, _frame):
-        if flag.requested:  # the second signal: abort now, with the signal's own default action
+        if STOP.requested:  # the second signal: abort now, with the signal's own default action
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
-        flag.signum = signum
+        STOP.signum = signum
 
+    STOP.signum = None
     previous = {signum: signal.signal(signum, request_stop) for signum in STOP_SIGNALS}
+    _installed = 1
     try:
-        yield flag
+        yield STOP
     finally:
+        _installed = 0
         for signum, handler in previous.items():
             signal.signal(signum, handler)

@@ -20,14 +20,23 @@ Registered rules (``make_rule``; config keys in brackets):
 - ``nosignal`` — ours: drops a step that has nothing to give: no non-zero advantage in the batch (also at
   k = 1, and in single-use training), or, at k > 1, an lm_head energy below ``signal_floor`` × the batch's
   first (k = 1) energy. AdamW's momentum would otherwise move the weights on a zero gradient. [signal_floor]
+- ``gradnorm`` — the global-gradient-norm spike skip that pre-training stacks ship, with the semantics of
+  OLMo-core's ``SkipStepOptimizer.get_step_factor`` (grad-norm half): drops a step whose pre-clip global norm
+  is more than ``gradnorm_sigma`` standard deviations (Bessel-corrected) from the mean of the previous
+  ``gradnorm_window`` norms, in either direction, once the count with this one reaches
+  max(20, gradnorm_window // 2). Every attempt's norm enters the window, dropped ones too. It applies at any
+  k, so in single-use training it is a spike guard. [gradnorm_window, gradnorm_sigma]
 - ``none`` — never drops a finite step (fixed-K reuse, single-use).
 
-Every rule except ``nosignal`` always applies the first step of a batch (k = 1), as in Algorithm 1.
+Every rule except ``nosignal`` and ``gradnorm`` always applies the first step of a batch (k = 1), as in
+Algorithm 1.
 """
 
 from __future__ import annotations
 
 import copy
+import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -230,6 +239,46 @@ class NoSignalGuard:
         self.first_energy = state.get("first_energy")
 
 
+class GradNormSkip:
+    """OLMo-core's rolling z-score step skip on the global gradient norm (see the module docstring).
+
+    One deliberate difference: OLMo-core divides by a zero standard deviation (a window of identical norms) and
+    then skips, since NaN fails its comparison; here an identical norm is z = 0 and any other is z = ∞."""
+
+    name = "gradnorm"
+
+    def __init__(self, window: int = 128, sigma: float = 6.0):
+        if not (isinstance(window, int) and window >= 19):  # smaller windows never hold the 20 norms the test needs
+            raise ValueError(f"gradnorm_window must be an integer >= 19 (got {window!r})")
+        if not (isinstance(sigma, (int, float)) and sigma > 0):
+            raise ValueError(f"gradnorm_sigma must be a number > 0 (got {sigma!r})")
+        self.window, self.sigma = window, float(sigma)
+        self.history: list[float] = []  # the previous norms, oldest first, at most `window`
+
+    @property
+    def arms_at(self) -> int:
+        """How many norms, the current one included, the test needs (OLMo-core: max(20, N // 2))."""
+        return max(20, self.window // 2)
+
+    def decide(self, signals: AttemptSignals) -> Verdict:
+        norm = float(_need(signals, "grad_norm", self.name))
+        if len(self.history) + 1 < self.arms_at:
+            return Verdict(True, None, {"gradnorm/ready": False})
+        mean, std = statistics.fmean(self.history), statistics.stdev(self.history)
+        z = abs(norm - mean) / std if std > 0 else (0.0 if norm == mean else math.inf)
+        skip = z > self.sigma
+        return Verdict(not skip, "gradnorm" if skip else None, {"gradnorm/z": z, "gradnorm/ready": True})
+
+    def record(self, signals: AttemptSignals, applied: bool) -> None:
+        self.history = [*self.history, float(signals.grad_norm)][-self.window:]
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = [float(v) for v in state.get("history", [])][-self.window:]
+
+
 class CombinedRule:
     """Several rules at once (``"dgg+nosignal"``): the first that drops the step decides."""
 
@@ -287,6 +336,8 @@ class RuleSettings:
     target_clip: float = 0.2
     target_m2: float = 0.04
     signal_floor: float = 1e-3
+    gradnorm_window: int = 128
+    gradnorm_sigma: float = 6.0
 
 
 RULES: dict[str, Any] = {
@@ -295,6 +346,7 @@ RULES: dict[str, Any] = {
     "clip": lambda s: ThresholdStop("clip", "clip_fraction", s.target_clip),
     "m2": lambda s: ThresholdStop("m2", "log_ratio_sq_mean", s.target_m2),
     "nosignal": lambda s: NoSignalGuard(s.signal_floor),
+    "gradnorm": lambda s: GradNormSkip(s.gradnorm_window, s.gradnorm_sigma),
     "none": lambda s: NeverStop(),
 }
 

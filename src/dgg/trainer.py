@@ -33,7 +33,7 @@ from dgg.energy_split import EnergySplit
 from dgg.loading import load_policy, resolve_device, resolve_model_path  # noqa: F401 (re-exported)
 from dgg.loss import ratio_statistics
 from dgg.precision import autocast, bf16_warning, machine_threads, resolve_precision
-from dgg.preemption import RunStopped, StopFlag, stop_signals
+from dgg.preemption import STOP, RunStopped, stop_signals
 from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse_rules import AttemptSignals, DGGRule, Verdict, make_rule
@@ -188,7 +188,7 @@ class GRPOTrainer:
         self._sampled_ids: list[torch.Tensor] = []
         self._last_checkpoint_time = time.monotonic()
         self._last_checkpoint_batch = -1
-        self.stop = StopFlag()  # set by SIGTERM/SIGINT while train() runs
+        self.stop = STOP  # set by the first SIGTERM/SIGINT while train() (or a dgg command) runs
         self._pending: tuple[RolloutBatch, tuple[int, int]] | None = None  # a batch a stop interrupted
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ class GRPOTrainer:
                                  cfg.output.progress)
         self._clock = time.perf_counter()
         try:
-            with stop_signals(self.stop):
+            with stop_signals():
                 self._train_batches(progress)
         finally:
             progress.close()

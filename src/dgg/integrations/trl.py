@@ -41,7 +41,7 @@ from transformers import TrainerCallback
 
 from dgg.gate import GradientGate, check_gate_settings
 from dgg.loss import ratio_statistics
-from dgg.preemption import RunStopped, StopFlag, stop_signals
+from dgg.preemption import STOP, RunStopped, StopFlag, stop_signals
 from dgg.reuse_rules import KL_ESTIMATORS, AttemptSignals, RuleSettings, Verdict, make_rule, parse_rule_names
 
 GATE_STATE_FILE = "dgg_gate_state.json"
@@ -136,12 +136,17 @@ class DGGGRPOConfig(GRPOConfig):
     """m2 rule: stop when mean((log r)²) over the step's tokens exceeds this."""
     dgg_signal_floor: float = field(default=1e-3, metadata={"help": "nosignal rule: relative energy floor at k > 1."})
     """nosignal rule: drop a reuse step whose energy is below this × the batch's first energy."""
+    dgg_gradnorm_window: int = field(default=128, metadata={"help": "gradnorm rule: previous norms in the window."})
+    """gradnorm rule: previous global gradient norms forming its mean and std (OLMo-core's default 128)."""
+    dgg_gradnorm_sigma: float = field(default=6.0, metadata={"help": "gradnorm rule: skip beyond this many std."})
+    """gradnorm rule: drop a step more than this many standard deviations from the mean (OLMo-core: 6)."""
 
     def rule_settings(self) -> RuleSettings:
         return RuleSettings(tau=self.dgg_tau, window=self.dgg_window, history=self.dgg_history,
                             target_kl=self.dgg_target_kl, kl_estimator=self.dgg_kl_estimator,
                             target_clip=self.dgg_target_clip, target_m2=self.dgg_target_m2,
-                            signal_floor=self.dgg_signal_floor)
+                            signal_floor=self.dgg_signal_floor, gradnorm_window=self.dgg_gradnorm_window,
+                            gradnorm_sigma=self.dgg_gradnorm_sigma)
 
     def __post_init__(self):
         super().__post_init__()  # derives steps_per_generation, which the check below needs
@@ -204,7 +209,7 @@ class DGGGRPOTrainer(GRPOTrainer):
                 "every GRPOConfig argument plus dgg_enabled, dgg_tau, dgg_window, dgg_history and dgg_tied."
             )
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
-        self.dgg_stop = StopFlag()  # SIGTERM/SIGINT during train(): save a checkpoint at the step's end, stop
+        self.dgg_stop = STOP  # SIGTERM/SIGINT during train(): save a checkpoint at the step's end, stop
         self.add_callback(_SaveAndStopOnSignal(self.dgg_stop))
         self.dgg_gate: GradientGate | None = None
         self.dgg_rule = None
@@ -273,7 +278,7 @@ class DGGGRPOTrainer(GRPOTrainer):
         reuse_index = reuse_index_of_step(self._step, self.args.steps_per_generation, self.num_iterations)
         energy = self._lm_head_grad_energy()
         self._dgg_probe.reset()
-        signals = self._attempt_signals(reuse_index, energy)
+        signals = self._attempt_signals(reuse_index, energy, _pre_clip_grad_norm(model))
         if math.isfinite(energy) or self.dgg_gate is not None:
             decision = self.dgg_rule.observe(signals)  # a non-finite energy is the gate's own discard
         else:
@@ -290,7 +295,7 @@ class DGGGRPOTrainer(GRPOTrainer):
         self.dgg_last_decision, self.dgg_last_signals = decision, signals
         self._log_gate(decision, signals)
 
-    def _attempt_signals(self, reuse_index: int, energy: float) -> AttemptSignals:
+    def _attempt_signals(self, reuse_index: int, energy: float, grad_norm: float) -> AttemptSignals:
         """This optimizer step's signals: token-weighted over its micro-steps, identical on every process."""
         sums, self._dgg_ratio_sums = self._dgg_ratio_sums, {}
         names = ("kl", "log_ratio_mean", "log_ratio_sq_mean", "clip_ratio", "tokens", "has_signal", "ratio_max")
@@ -305,7 +310,7 @@ class DGGGRPOTrainer(GRPOTrainer):
             reuse_index=reuse_index, lm_head_energy=energy, approx_kl=per_token(kl),
             log_ratio_mean=per_token(log_ratio), log_ratio_sq_mean=per_token(log_ratio_sq),
             clip_fraction=per_token(clip), ratio_max=ratio_max if math.isfinite(ratio_max) else None,
-            active_tokens=int(tokens) if math.isfinite(tokens) else None,
+            grad_norm=grad_norm, active_tokens=int(tokens) if math.isfinite(tokens) else None,
             has_signal=bool(has_signal) if math.isfinite(has_signal) else None)
 
     def _lm_head_grad_energy(self) -> float:
@@ -368,7 +373,7 @@ class DGGGRPOTrainer(GRPOTrainer):
 
             self._dgg_probe = LMHeadGradProbe(self.model, tied=self.args.dgg_tied)
         try:
-            with stop_signals(self.dgg_stop):
+            with stop_signals():
                 output = super().train(*args, **kwargs)
         finally:
             if self._dgg_probe is not None:
@@ -394,6 +399,20 @@ class _SaveAndStopOnSignal(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
+
+
+def _pre_clip_grad_norm(model) -> float:
+    """The global gradient norm before clipping (what the gradnorm rule reads), gradients left untouched; the
+    same on every process (gradients are all-reduced by now; sharded ones are reduced by ``get_total_norm``)."""
+    import torch
+
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    total_norm = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    norm = total_norm(grads) if total_norm is not None else \
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
 
 def skip_scaled_optimizer_step(optimizer, scaler) -> None:

@@ -93,7 +93,7 @@ def settings_from_environment(environ=os.environ) -> tuple[str, RuleSettings, st
                         "k1 estimate (actor/ppo_kl), not SB3's k3")
     if "m2" in parse_rule_names(spec):
         raise UserError(f"{ENV_PREFIX}RULE: the m2 rule needs mean((log r)^2), which verl's loss does not report; "
-                        "valid under verl: dgg, kl, clip, nosignal, none")
+                        "valid under verl: dgg, kl, clip, nosignal, gradnorm, none")
     tied = environ.get(f"{ENV_PREFIX}TIED", "output")
     return spec, settings, tied
 
@@ -221,7 +221,7 @@ class DGGTrainingWorker(TrainingWorker):
         return AttemptSignals(reuse_index=reuse_index(self._step_in_batch, self._per_epoch),
                               lm_head_energy=float(self._probe.energy()),
                               log_ratio_mean=None if kl is None else -kl, clip_fraction=clip,
-                              has_signal=_any_over_ranks(loss.has_signal, group))
+                              grad_norm=self._grad_norm(), has_signal=_any_over_ranks(loss.has_signal, group))
 
     def _gated_optimizer_step(self):
         signals = self._signals()
