@@ -13,6 +13,7 @@ from dgg.algos import (
     KL_ESTIMATORS,
     POLICY_LOSSES,
     TOKEN_CREDIT,
+    TOKEN_MASKS,
     ClipSettings,
     CreditSettings,
     Objective,
@@ -110,6 +111,36 @@ def test_token_credit_by_hand():
     assert kept.tolist() == [[1.0, 1.0, 1.0]]  # an unsure position is exploration, not an accident
     scaled, _ = TOKEN_CREDIT["eapo"](advantages, logprobs, torch.tensor([[2.0, 1.0, 0.0]]), mask, CreditSettings())
     assert scaled[0].tolist() == pytest.approx([1.5, 1.0, -0.5])  # mean entropy 1: 1 + 0.5·(H − 1)
+
+
+def test_m2po_mask_by_hand():
+    # Active tokens' log r: 0.5, -0.3, 0.1, 0.0 -> (log r)² 0.25, 0.09, 0.01, 0; the fourth column is padding.
+    log_ratio = torch.tensor([[0.5, -0.3, 9.0], [0.1, 0.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])
+    # Means of the tokens left after dropping the i largest: 0.0875, 0.0333, 0.005, 0.
+    assert TOKEN_MASKS["m2po"](log_ratio, mask, 0.04).tolist() == [[0, 1, 0], [1, 1, 0]]
+    assert TOKEN_MASKS["m2po"](log_ratio, mask, 0.01).tolist() == [[0, 0, 0], [1, 1, 0]]
+    assert TOKEN_MASKS["m2po"](log_ratio, mask, 0.1).tolist() == mask.tolist()  # already below: nothing dropped
+    assert TOKEN_MASKS["m2po"](log_ratio, mask, 0.0).tolist() == [[0, 0, 0], [0, 1, 0]]  # never below: keep one
+    assert TOKEN_MASKS["none"](log_ratio, mask, 0.04) is mask
+
+
+def test_the_m2po_mask_takes_its_tokens_out_of_the_loss_but_not_out_of_the_normaliser():
+    logprobs = torch.tensor([[-1.0, -1.0], [-1.0, -1.0]], requires_grad=True)
+    old = torch.tensor([[-1.5, -1.0], [-1.0, -1.0]])  # token (0, 0): log r = 0.5, (log r)² = 0.25
+    advantages, mask = torch.tensor([1.0, -1.0]), torch.ones(2, 2)
+    objective = Objective(token_mask="m2po", m2_threshold=0.04)  # mean (log r)² 0.0625 -> drop that token
+    w, z = objective.token_weights(mask, 2, 2)
+    loss, extras = objective.loss_of(logprobs, old, advantages, mask, w, z)
+    # token-mean over all 4 positions of -A·clip(r): tokens kept (1, 1, 1) with r = 1 -> -(1 - 1 - 1) / 4.
+    assert float(loss) == pytest.approx(1 / 4) and float(extras["masked_tokens"]) == 1.0
+    loss.backward()
+    assert logprobs.grad[0, 0] == 0 and logprobs.grad[0, 1] == pytest.approx(-1 / 4)
+    assert not objective.is_papers_surrogate
+    with pytest.raises(ConfigError, match="algo.token_mask"):
+        load_config(None, ["algo.token_mask=m3po"])
+    with pytest.raises(ConfigError, match="algo.m2_threshold"):
+        load_config(None, ["algo.m2_threshold=0"])
 
 
 def test_the_default_objective_is_the_papers_loss_bit_for_bit():

@@ -279,6 +279,27 @@ def test_mini_batches_and_dropout_still_score_pi_old_up_front(tiny_model_dir, tm
     assert has_active_dropout(trainer.model)
 
 
+@pytest.mark.parametrize("order", ["shuffle", "fixed"])
+def test_each_update_logs_its_mini_batch_and_a_fixed_order_repeats_pass_one(tiny_model_dir, tmp_path, order):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=fixed", "reuse.max_reuse=3", "reuse.mini_batches=2",
+                           f"reuse.mini_batch_order={order}", "train.max_batches=2", "eval.every=0")
+    trainer.train()
+    updates = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "update"]
+    size = trainer.config.rollout.prompts_per_batch * trainer.config.rollout.group_size
+    for batch in (1, 2):
+        passes = {k: [r["mini_batch_rows"] for r in updates if r["batch"] == batch and r["reuse_index"] == k]
+                  for k in (1, 2, 3)}
+        assert [r["mini_batch"] for r in updates if r["batch"] == batch] == [0, 1] * 3
+        for rows in passes.values():  # each pass covers every row exactly once
+            assert sorted(rows[0] + rows[1]) == list(range(size)) and len(rows[0]) == size // 2
+        if order == "fixed":
+            assert passes[1] == passes[2] == passes[3]
+        else:  # a new partition each pass (this seed and batch size draw three different ones)
+            assert passes[1] != passes[2] and passes[2] != passes[3]
+    with pytest.raises(ConfigError, match="reuse.mini_batch_order"):
+        load_config(None, ["reuse.mini_batch_order=sorted"])
+
+
 def test_bf16_autocast_trains_with_float32_state_and_close_energies(tiny_model_dir, tmp_path):
     """bf16 runs the matmuls in bfloat16; weights, grads, AdamW state and the gate's energy stay float32, and
     the energy of the same update is within 5 % of fp32's (measured: under 1 % here, 4 % on SmolLM2)."""
@@ -376,7 +397,7 @@ def test_the_weight_profile_reports_the_sampled_lm_head_rows(tiny_model_dir, tmp
 ALGO_CHOICES = [*(f"algo.advantage={n}" for n in ("drgrpo", "rloo")), *(f"algo.loss={n}" for n in ("gspo", "cispo")),
                 *(f"algo.aggregation={n}" for n in ("seq-mean-token-mean", "group-mean-token-mean",
                                                     "seq-mean-token-sum-norm")),
-                *(f"algo.token_credit={n}" for n in ("stapo", "eapo"))]
+                *(f"algo.token_credit={n}" for n in ("stapo", "eapo")), "algo.token_mask=m2po"]
 
 
 @pytest.mark.parametrize("choice", [*ALGO_CHOICES, "loss.kl_coef=0.1 algo.kl_estimator=k1",
@@ -392,6 +413,18 @@ def test_dgg_trains_with_every_registered_objective(tiny_model_dir, tmp_path, ch
     assert any(not torch.equal(p, before[n]) for n, p in trainer.model.named_parameters())
     if "kl_in=reward" in choice:
         assert not trainer.old_from_first_update  # the penalty needs π_old before the first update
+
+
+def test_the_m2po_mask_drops_tokens_on_reuse_passes_only(tiny_model_dir, tmp_path):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=fixed", "reuse.max_reuse=2", "train.max_batches=2",
+                           "eval.every=0", "train.micro_batch_size=5", "algo.token_mask=m2po",
+                           "algo.m2_threshold=1e-9")
+    trainer.train()
+    updates = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "update"]
+    first, reused = [r for r in updates if r["reuse_index"] == 1], [r for r in updates if r["reuse_index"] == 2]
+    assert all(r["actor/masked_tokens"] == 0 for r in first)  # π_θ = π_old: every (log r)² is 0
+    # k = 2: every active token but one per micro-batch moved off π_old by more than 1e-9 in (log r)².
+    assert all(r["actor/masked_tokens"] > 0.5 * r["actor/active_tokens"] for r in reused), reused
 
 
 def test_one_update_changes_every_trainable_parameter(tiny_model_dir, tmp_path):

@@ -126,6 +126,12 @@ class AlgoConfig:
     token_credit: str = "none"
     """none, stapo (silence rare spurious tokens of positive-advantage completions) or eapo (entropy-aware
     scaling of token advantages); both are approximations of their papers (docs/algorithms.md)."""
+    token_mask: str = "none"
+    """none, or m2po: M2PO's second-moment mask (as AReaL's actor.m2_threshold), which drops the tokens with the
+    largest (log π_θ − log π_old)² from the loss until the mean of the rest is below m2_threshold: a mask, not a
+    stop, to compare with reuse.rule=m2."""
+    m2_threshold: float = 0.04
+    """m2po: the bound on the mean (log r)² of the tokens kept (M2PO's and AReaL's example: 0.04)."""
     seq_clip_eps: float = 3e-4
     """gspo: the sequence ratio is clipped to [1 − seq_clip_eps, 1 + seq_clip_eps_high]."""
     seq_clip_eps_high: float = 4e-4
@@ -138,14 +144,22 @@ class AlgoConfig:
     """eapo: strength of the entropy scaling, in [0, 1]."""
 
     def __post_init__(self):
-        from dgg.algos import ADVANTAGES, AGGREGATIONS, KL_ESTIMATORS, KL_PLACES, POLICY_LOSSES, TOKEN_CREDIT
+        from dgg.algos import (
+            ADVANTAGES,
+            AGGREGATIONS,
+            KL_ESTIMATORS,
+            KL_PLACES,
+            POLICY_LOSSES,
+            TOKEN_CREDIT,
+            TOKEN_MASKS,
+        )
 
         for registry, name in ((ADVANTAGES, self.advantage), (POLICY_LOSSES, self.loss),
                                (AGGREGATIONS, self.aggregation), (KL_ESTIMATORS, self.kl_estimator),
-                               (TOKEN_CREDIT, self.token_credit)):
+                               (TOKEN_CREDIT, self.token_credit), (TOKEN_MASKS, self.token_mask)):
             _check(name in registry, registry.field, f"one of {', '.join(registry.names())}", name)
         _check(self.kl_in in KL_PLACES, "algo.kl_in", f"one of {', '.join(KL_PLACES)}", self.kl_in)
-        for name in ("seq_clip_eps", "seq_clip_eps_high", "stapo_max_prob", "stapo_max_entropy"):
+        for name in ("seq_clip_eps", "seq_clip_eps_high", "stapo_max_prob", "stapo_max_entropy", "m2_threshold"):
             _check(getattr(self, name) > 0, f"algo.{name}", "> 0", getattr(self, name))
         _check(0 <= self.eapo_alpha <= 1, "algo.eapo_alpha", "in [0, 1]", self.eapo_alpha)
 
@@ -184,6 +198,10 @@ class ReuseConfig:
     """Which increments enter the window: ``all`` (paper) or ``reuse`` (only k > 1)."""
     mini_batches: int = 1
     """Optimizer steps per pass over the batch (1 = full-batch update, as in the paper's Algorithm 1)."""
+    mini_batch_order: str = "shuffle"
+    """With mini_batches > 1: ``shuffle`` (a new random partition of the batch every pass, as verl's shuffle) or
+    ``fixed`` (pass 1's partition in every pass, so that pass k's i-th update sees the same samples as pass 1's).
+    Each update record logs ``mini_batch`` and ``mini_batch_rows`` either way."""
     tied: str = "output"
     """For tied embeddings, which part of the shared gradient the probe measures: ``output`` or ``total``."""
     rule: str | None = None
@@ -219,6 +237,8 @@ class ReuseConfig:
         except ValueError as err:
             raise ConfigError(str(err)) from None
         _check(self.mini_batches >= 1, "reuse.mini_batches", "an integer >= 1", self.mini_batches)
+        _check(self.mini_batch_order in ("shuffle", "fixed"), "reuse.mini_batch_order", "shuffle or fixed",
+               self.mini_batch_order)
         _check(self.tied in ("output", "total"), "reuse.tied", "output or total", self.tied)
         if self.rule is not None:
             try:
@@ -544,6 +564,7 @@ def make_objective(config: Config):
     advantage = "drgrpo" if algo.advantage == "grpo" and not loss.scale_advantages else algo.advantage
     return Objective(
         advantage=advantage, loss=algo.loss, aggregation=algo.aggregation, kl_estimator=algo.kl_estimator,
-        kl_in=algo.kl_in, token_credit=algo.token_credit, kl_coef=loss.kl_coef,
+        kl_in=algo.kl_in, token_credit=algo.token_credit, token_mask=algo.token_mask,
+        m2_threshold=algo.m2_threshold, kl_coef=loss.kl_coef,
         clip=ClipSettings(loss.clip_eps, loss.clip_eps_high, algo.seq_clip_eps, algo.seq_clip_eps_high),
         credit=CreditSettings(algo.stapo_max_prob, algo.stapo_max_entropy, algo.eapo_alpha))

@@ -57,6 +57,7 @@ from dgg.tasks import Problem, make_task, resolve_prompt_format, safe_reward
 from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
 
 log = logging.getLogger("dgg.trainer")
+COUNTS = ("silenced_tokens", "masked_tokens")  # update statistics that add up over micro-batches (not means)
 
 def episode_sampler(config: Config, model, tokenizer, task, chat: bool):
     from dgg.agents import EpisodeLimits, EpisodeSampler
@@ -190,6 +191,7 @@ class GRPOTrainer:
         self._last_checkpoint_batch = -1
         self.stop = STOP  # set by the first SIGTERM/SIGINT while train() (or a dgg command) runs
         self._pending: tuple[RolloutBatch, tuple[int, int]] | None = None  # a batch a stop interrupted
+        self._mini_batch: dict = {}  # which mini-batch of the pass the current attempt trains on
 
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
@@ -359,22 +361,28 @@ class GRPOTrainer:
         batch that a stop signal interrupted; a stop signal ends it between two attempts."""
         cfg = self.config.reuse
         for reuse_index in range(start[0], cfg.passes + 1):
-            for position, mini_batch in enumerate(self._mini_batches(batch, reuse_index)):
+            for position, (rows, mini_batch) in enumerate(self._mini_batches(batch, reuse_index)):
                 if (reuse_index, position) < start:
                     continue
                 self._stop_if_requested(batch, (reuse_index, position))
+                # Which rows this update trains on, so that pass k is comparable with pass 1 on the same samples.
+                self._mini_batch = {"mini_batch": position, "mini_batch_rows": rows} if rows is not None else {}
                 if not self.update(mini_batch, reuse_index):
                     return reuse_index - 1  # discard & terminate reuse (line 8)
         return cfg.passes
 
-    def _mini_batches(self, batch: RolloutBatch, reuse_index: int) -> list[RolloutBatch]:
+    def _mini_batches(self, batch: RolloutBatch, reuse_index: int) -> list[tuple[list[int] | None, RolloutBatch]]:
+        """(sorted row indices, mini-batch) per optimizer step of this pass; rows None for the whole batch.
+        ``reuse.mini_batch_order``: ``shuffle`` draws a new partition each pass (verl's shuffle), ``fixed``
+        keeps pass 1's in every pass."""
         count = self.config.reuse.mini_batches
         if count == 1:
-            return [batch]
-        generator = torch.Generator().manual_seed(hash((self.config.train.seed, self.state.batch, reuse_index))
+            return [(None, batch)]
+        drawn_for = 1 if self.config.reuse.mini_batch_order == "fixed" else reuse_index
+        generator = torch.Generator().manual_seed(hash((self.config.train.seed, self.state.batch, drawn_for))
                                                   % (2**63))
         order = torch.randperm(batch.size, generator=generator)
-        return [batch.select(rows) for rows in order.chunk(count)]
+        return [(sorted(rows.tolist()), batch.select(rows)) for rows in order.chunk(count)]
 
     def update(self, batch: RolloutBatch, reuse_index: int) -> bool:
         """One update attempt (lines 4–11). Returns False when the reuse of this batch must end."""
@@ -481,7 +489,7 @@ class GRPOTrainer:
                 if reduce_max:
                     sums[key] = max(previous, float(value))
                 else:  # counts add up; everything else is a mean over the batch's active tokens
-                    sums[key] = previous + float(value) * (1.0 if key == "silenced_tokens" else weight)
+                    sums[key] = previous + float(value) * (1.0 if key in COUNTS else weight)
         if first_pass:
             batch.old_logprobs = torch.cat(old_chunks)
         if split is not None:
@@ -535,6 +543,7 @@ class GRPOTrainer:
         values = decision.values if decision is not None else {}
         values = {
             "reuse_index": reuse_index,
+            **self._mini_batch,
             "update": self.state.updates,
             "actor/applied": applied,
             "actor/pg_loss": _finite_or_none(loss),
