@@ -10,7 +10,9 @@ its first checkpoint starts again). After every kill the checkpoint on disk must
 at the end, metrics (timings aside) and final weights must be bit-identical to the uninterrupted run. Counts go
 to the JSON file and, by hand, to BENCHMARKS.md's reliability section. With ``--signal term`` each SIGTERM must
 also end the run with exit code 143 and a one-line message (``clean_stops``; ``mid_batch_stops`` counts the
-checkpoints that held a batch in progress). ``--races N`` starts two `dgg train --overwrite` launches on one
+checkpoints that held a batch in progress; ``after_the_end`` counts signals that came after the run's last
+checkpoint, while the process was already exiting, and killed it with the signal's default action, losing
+nothing). ``--races N`` starts two `dgg train --overwrite` launches on one
 directory N times, released together after both have imported dgg: exactly one may run, and the directory must
 hold that one run's records.
 """
@@ -77,7 +79,8 @@ def main() -> None:
             print(f"round {seed}: {report}", flush=True)
         races = [race(base, scratch / f"race{i}", scratch / "alone0") for i in range(args.races)]
     total = {key: sum(r[key] for r in rounds)
-             for key in ("kills", "clean_stops", "mid_batch_stops", "resumes", "restarts_from_scratch")}
+             for key in ("kills", "clean_stops", "mid_batch_stops", "after_the_end", "resumes",
+                         "restarts_from_scratch")}
     result = {"signal": args.signal, "rounds": len(rounds), **total,
               "corruptions": sum(len(r["corrupt"]) for r in rounds),
               "identical_runs": sum(r["identical"] for r in rounds),

@@ -63,6 +63,7 @@ class KillReport:
     kills: int = 0
     clean_stops: int = 0  # SIGTERM/SIGINT: exited 128 + signal after checkpointing, with the one-line message
     mid_batch_stops: int = 0  # of those, checkpoints that hold a batch in progress
+    after_the_end: int = 0  # the signal came after the run's last checkpoint, while the process was exiting
     resumes: int = 0
     restarts_from_scratch: int = 0  # killed before any checkpoint existed
     corrupt: list[str] = field(default_factory=list)  # anything that failed to load or compare
@@ -116,6 +117,8 @@ def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills
                     if process.returncode == 128 + sig and "; continue with dgg train --resume" in stderr:
                         report.clean_stops += 1
                         report.mid_batch_stops += holds_a_batch_in_progress(run_dir)
+                    elif process.returncode == -sig and run_finished(run_dir):
+                        report.after_the_end += 1  # the default action, once dgg had let go of the signal
                     elif process.returncode != 0:  # 0: it had finished before the signal came
                         report.corrupt.append(f"signal {sig}: exit {process.returncode}: {stderr[-500:]}")
                 try:
@@ -138,6 +141,16 @@ def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills
     if not same_weights:
         report.corrupt.append("final weights differ from the uninterrupted run")
     return report
+
+
+def run_finished(run_dir: Path) -> bool:
+    """Whether the checkpoint on disk is the run's last: every batch trained, none in progress."""
+    import torch
+    import yaml
+
+    state = torch.load(run_dir / "checkpoint" / "trainer_state.pt", weights_only=True)
+    wanted = yaml.safe_load((run_dir / "config.yaml").read_text())["train"]["max_batches"]
+    return state["state"]["batch"] == wanted and state.get("pending") is None
 
 
 def holds_a_batch_in_progress(run_dir: Path) -> bool:
