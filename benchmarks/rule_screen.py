@@ -14,8 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dgg.reuse_rules import RuleSettings, make_rule, replay
 from gate_screen import read_records
+
+from dgg.reuse_rules import RuleSettings, make_rule, replay
 
 RULES = {
     "dgg τ 0.5": ("dgg", RuleSettings(tau=0.5)),
