@@ -27,6 +27,12 @@ CASES = {
     "dgg_nosignal_micro": ["reuse.mode=dgg", "reuse.rule=dgg+nosignal", "reuse.window=3", "reuse.tau=0.1",
                            "train.micro_batch_size=16"],
     "clip_m2_single": ["reuse.mode=single", "reuse.rule=clip+m2"],
+    # Cases whose rules do drop steps (6 batches): the gate with a short window, the no-signal floor, the clip stop.
+    "dgg_discards": ["reuse.mode=dgg", "reuse.max_reuse=3", "reuse.tau=0.01", "reuse.window=2", "train.max_batches=6"],
+    "nosignal_floor": ["reuse.mode=fixed", "reuse.max_reuse=3", "reuse.rule=nosignal", "reuse.signal_floor=0.9",
+                       "train.max_batches=6"],
+    "clip_stops": ["reuse.mode=fixed", "reuse.max_reuse=3", "reuse.rule=clip+gradnorm", "reuse.target_clip=0.001",
+                   "reuse.gradnorm_window=19", "train.max_batches=6"],
 }
 SMOLLM2 = ["-c", "smollm2_arith", "train.max_batches=2", "eval.every=0", "reuse.mode=dgg", "reuse.max_reuse=2",
            "profile.weights_every=0", "output.progress=false", "train.threads=1"]

@@ -22,8 +22,9 @@ def test_the_parts_sum_to_the_probes_energy_and_each_part_is_autograds(tiny_mode
     def backward(rollouts):
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.probe.reset()
-        _, stats = trainer._backward(rollouts)
-        return float(trainer.probe.energy()), stats
+        _, diagnostics = trainer._backward(rollouts)  # the energy split; the statistics went to the controller
+        energy = float(trainer.probe.energy())
+        return energy, {**diagnostics, **trainer.controller.decide(2, energy).statistics}
 
     energy, stats = backward(batch)  # k = 2, at the weights the split is measured on
     assert stats["clip_ratio"] > 0

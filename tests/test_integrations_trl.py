@@ -20,6 +20,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from dgg.integrations.trl import (  # noqa: E402
     GATE_STATE_FILE,
+    STATE_FILE,
     DGGGRPOConfig,
     DGGGRPOTrainer,
     _refuse_unsupported_distribution,
@@ -223,10 +224,21 @@ def test_disabled_or_infinite_tau_trains_identically_to_stock_grpo(tiny_model_di
         for name, value in weights(trainer).items():
             assert torch.equal(value, reference[name]), f"{name} differs with {overrides}"  # bitwise
 
-    logs = [entry for entry in trainer.state.log_history if "gate/reuse_index" in entry]
-    assert [entry["gate/reuse_index"] for entry in logs] == [1.0, 2.0, 1.0, 2.0]
+    logs = [entry for entry in trainer.state.log_history if "reuse_index" in entry]
+    assert [entry["reuse_index"] for entry in logs] == [1.0, 2.0, 1.0, 2.0]
     assert [entry["gate/observations"] for entry in logs] == [1.0, 2.0, 3.0, 4.0]
     assert all(entry["gate/discards"] == 0.0 and entry["actor/lm_head_grad_energy"] > 0 for entry in logs)
+
+    # Watch mode with a rule that would stop every reuse step: training is stock's, bit for bit, and the log
+    # says where the rule would have stopped.
+    watch = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path / "watch", dgg_watch_only=True,
+                         dgg_rule="kl", dgg_target_kl=1e-12)
+    watch.train()
+    for name, value in weights(watch).items():
+        assert torch.equal(value, reference[name]), f"{name} differs in watch mode"
+    logs = [entry for entry in watch.state.log_history if "reuse_index" in entry]
+    assert [entry["reuse/would_stop"] for entry in logs] == [0.0, 1.0, 0.0, 1.0]
+    assert all(entry["reuse/stop"] == 0.0 and entry["actor/applied"] == 1.0 for entry in logs)
 
 
 class Snapshots(TrainerCallback):
@@ -266,7 +278,7 @@ def test_a_spike_on_a_reuse_step_is_discarded_and_the_next_step_regenerates(tiny
     trainer.train()
 
     logs = [entry for entry in trainer.state.log_history if "gate/discard" in entry]
-    assert [entry["gate/reuse_index"] for entry in logs] == [1.0, 2.0, 3.0, 1.0, 2.0, 1.0, 2.0]
+    assert [entry["reuse_index"] for entry in logs] == [1.0, 2.0, 3.0, 1.0, 2.0, 1.0, 2.0]
     assert [entry["gate/discard"] for entry in logs] == [0.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0]
     assert logs[4]["gate/z"] == pytest.approx((995 - 1.5) / math.sqrt(0.5), rel=1e-6)
     assert logs[5]["gate/z"] == pytest.approx(-0.5 / math.sqrt(0.5), rel=1e-6)
@@ -303,7 +315,7 @@ def test_discard_under_gradient_accumulation_ends_the_batch_at_an_optimizer_step
         generation_steps.append(trainer.state.global_step), original_generate(batch))[1]
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "gate/discard" in entry]
-    assert [entry["gate/reuse_index"] for entry in logs] == [1.0, 2.0, 3.0, 1.0, 2.0, 1.0]
+    assert [entry["reuse_index"] for entry in logs] == [1.0, 2.0, 3.0, 1.0, 2.0, 1.0]
     assert [entry["gate/discard"] for entry in logs] == [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert generation_steps == [0, 3, 5]  # stock TRL: 0, 3, 6
     assert trainer._step == 14  # 10 micro-steps after step 5, moved to the boundary 12, + 2 for step 6
@@ -314,8 +326,9 @@ def test_gate_state_is_saved_with_checkpoints_and_restored(tiny_model_dir, tmp_p
         DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=2, save_strategy="steps", save_steps=2
     )
     trainer.train()
-    saved = json.loads((tmp_path / "checkpoint-2" / GATE_STATE_FILE).read_text())
-    assert saved.pop("reuse_rule")["rules"] == ["dgg"]
+    saved = json.loads((tmp_path / "checkpoint-2" / STATE_FILE).read_text())
+    assert saved["reuse_rule"]["rules"] == ["dgg"] and saved["reuse_rule"]["state"][0] == saved["watch"]
+    saved = saved["watch"]
     assert saved == trainer.dgg_gate.state_dict() and saved["observations"] == 2
 
     resumed = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=3)
@@ -325,6 +338,20 @@ def test_gate_state_is_saved_with_checkpoints_and_restored(tiny_model_dir, tmp_p
     # The restored increment is still in the window; the new one is measured from the restored g_prev.
     assert len(saved["increments"]) == 1 and restored["increments"][0] == saved["increments"][0]
     assert restored["increments"][1] == pytest.approx(restored["last_accepted_energy"] - saved["last_accepted_energy"])
+
+
+def test_a_checkpoint_written_before_the_controller_still_restores_the_gate(tiny_model_dir, tmp_path):
+    trainer = make_trainer(
+        DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=2, save_strategy="steps", save_steps=2
+    )
+    trainer.train()
+    folder = tmp_path / "checkpoint-2"
+    state = json.loads((folder / STATE_FILE).read_text())
+    (folder / STATE_FILE).unlink()  # the layout of earlier releases: the gate's state plus the rule's
+    (folder / GATE_STATE_FILE).write_text(json.dumps({**state["watch"], "reuse_rule": state["reuse_rule"]}))
+    resumed = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=3)
+    resumed.train(resume_from_checkpoint=str(folder))
+    assert resumed.dgg_gate.observations == 3
 
 
 def test_sigterm_saves_a_checkpoint_with_the_rule_state_and_stops_after_the_step(tiny_model_dir, tmp_path):
@@ -344,8 +371,8 @@ def test_sigterm_saves_a_checkpoint_with_the_rule_state_and_stops_after_the_step
         trainer.train()
     assert stopped.value.exit_code == 143
     assert trainer.state.global_step == 2  # step 2 completed; steps 3 and 4 never ran
-    saved = json.loads((tmp_path / "checkpoint-2" / GATE_STATE_FILE).read_text())
-    assert saved["observations"] == 2 and saved["reuse_rule"]["rules"] == ["dgg"]
+    saved = json.loads((tmp_path / "checkpoint-2" / STATE_FILE).read_text())
+    assert saved["watch"]["observations"] == 2 and saved["reuse_rule"]["rules"] == ["dgg"]
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handler lived only during train()
 
     resumed = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, max_steps=4)
@@ -383,11 +410,11 @@ def test_the_kl_rule_stops_reuse_inside_trl_with_sb3_semantics(tiny_model_dir, t
                            dgg_rule="kl", dgg_target_kl=1e-9)
     trainer.train()
     assert trainer.dgg_gate is None and trainer.dgg_rule.name == "kl"
-    logs = [entry for entry in trainer.state.log_history if "gate/reuse_index" in entry]
-    assert [entry["gate/reuse_index"] for entry in logs] == [1.0, 2.0]
+    logs = [entry for entry in trainer.state.log_history if "reuse_index" in entry]
+    assert [entry["reuse_index"] for entry in logs] == [1.0, 2.0]
     assert [entry["reuse/stop"] for entry in logs] == [0.0, 1.0]  # KL > 1.5e-9 after one step at lr 1e-2
     assert [entry["gate/discard"] for entry in logs] == [0.0, 0.0]  # the paper's gate did not drop it: KL did
-    assert logs[0]["actor/approx_kl"] == pytest.approx(0.0, abs=1e-7) and logs[1]["actor/approx_kl"] > 1.5e-9
+    assert logs[0]["actor/kl"] == pytest.approx(0.0, abs=1e-7) and logs[1]["actor/kl"] > 1.5e-9
     assert trainer.dgg_rule.stops_by_reason == {"kl": 1}
     assert trainer.dgg_last_signals.active_tokens > 0 and trainer.dgg_last_signals.has_signal is not None
 
@@ -410,7 +437,7 @@ def test_the_gradnorm_rule_reads_the_pre_clip_global_norm_inside_trl(tiny_model_
 
         trainer.add_callback(Norms())
         trainer.train()
-        assert trainer.dgg_last_decision.values == {"gradnorm/ready": False}  # 1 of the 20 norms it needs
+        assert trainer.dgg_last_decision.values["gradnorm/ready"] is False  # 1 of the 20 norms it needs
         return trainer.dgg_last_signals.grad_norm, seen[0]
 
     read, after_no_clip = first_step(1e9)
@@ -418,3 +445,32 @@ def test_the_gradnorm_rule_reads_the_pre_clip_global_norm_inside_trl(tiny_model_
     read_clipped, after_clip = first_step(1e-6)
     assert after_clip == pytest.approx(1e-6, rel=1e-3)
     assert read_clipped == pytest.approx(read, rel=1e-6)  # read before clipping
+
+
+def test_the_trl_path_reaches_the_scripted_verdicts(tiny_model_dir, tmp_path, monkeypatch):
+    from reuse_script import EXPECTED_REASONS, RULE, SCRIPT, SETTINGS, reference_metrics, statistics
+
+    trainer = make_trainer(DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, num_iterations=3,
+                           dgg_rule=RULE, dgg_tau=SETTINGS.tau, dgg_window=SETTINGS.window,
+                           dgg_target_kl=SETTINGS.target_kl, dgg_kl_estimator=SETTINGS.kl_estimator)
+    tokens = (3.0, 5.0)
+    current = {}
+    monkeypatch.setattr("dgg.integrations.trl.ratio_statistics",
+                        lambda logps, *a, **k: statistics(current["attempt"], current["micro_batch"]))
+    monkeypatch.setattr("dgg.integrations.trl._pre_clip_grad_norm", lambda model: current["attempt"].grad_norm)
+    monkeypatch.setattr(trainer, "_lm_head_grad_energy", lambda: current["attempt"].energy)
+    trainer._dgg_probe = type("Probe", (), {"reset": lambda self: None})()
+    verdicts = []
+    for position, attempt in enumerate(SCRIPT):
+        current["attempt"] = attempt
+        for index, count in enumerate(tokens):  # TRL's micro-steps of one optimizer step
+            current["micro_batch"] = index
+            inputs = {"completion_mask": torch.ones(1, int(count)), "old_per_token_logps": None,
+                      "advantages": torch.tensor([1.0 if attempt.has_signal else 0.0])}
+            trainer._accumulate_ratio_statistics(torch.zeros(1, int(count)), inputs)
+        trainer._step = position * 3 + attempt.reuse_index  # micro-steps done, as TRL counts them (K = 3)
+        trainer._gate_optimizer_step(trainer.model)
+        verdicts.append(trainer.dgg_last_verdict)
+    assert [v.reason for v in verdicts] == EXPECTED_REASONS
+    for verdict, expected in zip(verdicts, reference_metrics(tokens), strict=True):
+        assert verdict.numeric_metrics() == pytest.approx(expected)

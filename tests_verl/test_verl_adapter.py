@@ -85,8 +85,25 @@ def test_tau_infinity_is_bitwise_stock_verl(tiny_model_dir):
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     assert [m["grad_norm"] for m in gated_metrics] == [m["grad_norm"] for m in stock_metrics]
     assert [m["lr"] for m in gated_metrics] == [m["lr"] for m in stock_metrics]
-    assert [m["dgg/reuse_index"] for m in gated_metrics] == [[1, 1, 2, 2]] * 3
-    assert sum(sum(m["dgg/stop"]) for m in gated_metrics) == 0
+    assert [m["reuse_index"] for m in gated_metrics] == [[1, 1, 2, 2]] * 3
+    assert sum(sum(m["reuse/stop"]) for m in gated_metrics) == 0
+
+
+def test_watch_only_is_bitwise_stock_verl_and_logs_where_the_rule_would_stop(tiny_model_dir, monkeypatch):
+    stock = build_worker(tiny_model_dir, TrainingWorker)
+    _train(stock, 2)
+    monkeypatch.setenv("DGG_WATCH_ONLY", "1")
+    watch = build_worker(tiny_model_dir, DGGTrainingWorker, rule_spec="clip",
+                         settings=RuleSettings(target_clip=1e-12))  # would stop at every reuse step that clips
+    metrics = _train(watch, 2)
+    expected, got = full_state(stock), full_state(watch)
+    assert all(torch.equal(expected[name], got[name]) for name in expected)
+    assert [m["reuse/stop"] for m in metrics] == [[0.0] * 4] * 2 and all("reuse/skipped" not in m for m in metrics)
+    assert [m["reuse/would_stop"][:2] for m in metrics] == [[0.0, 0.0]] * 2  # never at k = 1
+    assert sum(sum(m["reuse/would_stop"][2:]) for m in metrics) > 0  # the rule did want to stop
+    assert watch.dgg_controller.watch_only and watch.dgg_rule.stops_by_reason == {}
+    with pytest.raises(UserError, match="DGG_WATCH_ONLY"):
+        dgg_verl.watch_only_from_environment({"DGG_WATCH_ONLY": "maybe"})
 
 
 class _CountForwards:
@@ -103,7 +120,7 @@ def test_a_drop_happens_before_the_optimizer_and_ends_reuse_of_the_batch(tiny_mo
     worker = build_worker(tiny_model_dir, DGGTrainingWorker, settings=RuleSettings(tau=-1e9, window=2))
     stock = build_worker(tiny_model_dir, TrainingWorker)
     first = _train(worker, 1)[0]  # steps 2 and 3 bring the window's two increments; step 4 is gated
-    assert first["dgg/stop"] == [0.0, 0.0, 0.0, 1.0] and "dgg/skipped" not in first
+    assert first["reuse/stop"] == [0.0, 0.0, 0.0, 1.0] and "reuse/skipped" not in first
     _train(stock, 1)
     adam_before, state_before = _adam(worker), full_state(worker)
 
@@ -112,8 +129,8 @@ def test_a_drop_happens_before_the_optimizer_and_ends_reuse_of_the_batch(tiny_mo
     metrics = tu.get(batch, "metrics")
     counter.handle.remove()
     # k = 1 steps are applied (two mini-batches), the first k = 2 step is dropped, the last one never runs
-    assert metrics["dgg/reuse_index"] == [1, 1, 2] and metrics["dgg/stop"] == [0.0, 0.0, 1.0]
-    assert metrics["dgg/discard"] == [0.0, 0.0, 1.0] and metrics["dgg/skipped"] == [1.0]
+    assert metrics["reuse_index"] == [1, 1, 2] and metrics["reuse/stop"] == [0.0, 0.0, 1.0]
+    assert metrics["gate/discard"] == [0.0, 0.0, 1.0] and metrics["reuse/skipped"] == [1.0]
     assert counter.calls == 3 * 2  # 3 mini-batches of 2 micro-batches each reached the model
     assert all(p.grad is None for p in worker.engine.module.parameters())
     adam_after = _adam(worker)
@@ -134,7 +151,7 @@ def test_a_dropped_step_leaves_adam_bit_identical(tiny_model_dir):
         single.train_mini_batch(rollout_batch(seed, epochs=1))
     metrics = tu.get(dropping.train_mini_batch(rollout_batch(2, epochs=2)), "metrics")
     single.train_mini_batch(rollout_batch(2, epochs=1))
-    assert metrics["dgg/stop"] == [0.0, 0.0, 1.0]
+    assert metrics["reuse/stop"] == [0.0, 0.0, 1.0]
     assert all(torch.equal(a, b) for a, b in zip(full_state(dropping).values(), full_state(single).values()))
     for (step_a, avg_a), (step_b, avg_b) in zip(_adam(dropping), _adam(single)):
         assert torch.equal(step_a, step_b) and torch.equal(avg_a, avg_b)
@@ -147,7 +164,7 @@ def test_kl_and_clip_rules_read_verls_own_loss_metrics(tiny_model_dir, settings)
     rule = "clip" if settings.target_clip == 1e-6 else "kl"
     worker = build_worker(tiny_model_dir, DGGTrainingWorker, rule_spec=rule, settings=settings)
     metrics = _train(worker, 1)[0]
-    assert metrics["dgg/stop"] == [0.0, 0.0, 1.0] and metrics["dgg/discard"] == [0.0, 0.0, 0.0]
+    assert metrics["reuse/stop"] == [0.0, 0.0, 1.0] and metrics["gate/discard"] == [0.0, 0.0, 0.0]
     assert worker.dgg_rule.state_dict()["stops_by_reason"] == {rule: 1}
 
 
@@ -160,7 +177,7 @@ def test_rule_state_is_saved_beside_verl_checkpoint_and_restored(tiny_model_dir,
     restored = build_worker(tiny_model_dir, DGGTrainingWorker, settings=RuleSettings(tau=0.5, window=2))
     restored.load_checkpoint(str(tmp_path / "step2"))
     assert restored.dgg_rule.state_dict() == saved
-    assert _train(restored, 1)[0]["dgg/z"] == _train(worker, 1)[0]["dgg/z"]
+    assert _train(restored, 1)[0]["gate/z"] == _train(worker, 1)[0]["gate/z"]
 
 
 def test_fsdp1_is_refused_with_a_clear_message(tiny_model_dir, monkeypatch):
@@ -183,3 +200,50 @@ def test_two_ranks_take_the_same_decision(tiny_model_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     decisions = [open(tmp_path / f"rank{rank}.txt").read() for rank in (0, 1)]
     assert decisions[0] == decisions[1] and "1.0" in decisions[0]  # a drop happened, on both ranks alike
+
+
+def _reuse_script():
+    """tests/reuse_script.py, loaded by path (see conftest.py on why not by package)."""
+    import importlib.util
+    import sys
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests", "reuse_script.py")
+    spec = importlib.util.spec_from_file_location("dgg_reuse_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_verl_path_reaches_the_scripted_verdicts(tiny_model_dir):
+    from tensordict import TensorDict
+
+    script = _reuse_script()
+    worker = build_worker(tiny_model_dir, DGGTrainingWorker, rule_spec=script.RULE, settings=script.SETTINGS)
+    tokens = (3.0, 5.0)
+    current = {}
+
+    def verl_loss(model_output, data, dp_group=None):  # verl's loss metrics: k1 KL and the clip fraction
+        stats = script.statistics(current["attempt"], current["micro_batch"])
+        return torch.tensor(0.0), {"actor/ppo_kl": -stats["log_ratio_mean"], "actor/pg_clipfrac": stats["clip_ratio"]}
+
+    worker.set_loss_fn(verl_loss)
+    worker._probe = type("Probe", (), {"energy": lambda self: torch.tensor(current["attempt"].energy)})()
+    worker._grad_norm = lambda: current["attempt"].grad_norm
+    worker._verl_optimizer_step = lambda: current["attempt"].grad_norm
+    verdicts = []
+    for attempt in script.SCRIPT:
+        current["attempt"] = attempt
+        for index, count in enumerate(tokens):  # the micro-batches of one mini-batch
+            current["micro_batch"] = index
+            data = TensorDict({"response_mask": torch.ones(1, int(count)),
+                               "advantages": torch.full((1, int(count)), 1.0 if attempt.has_signal else 0.0)},
+                              batch_size=[1])
+            worker.loss_fn(None, data)
+        worker._step_in_batch, worker._per_epoch = attempt.reuse_index - 1, 1
+        worker._gated_optimizer_step()
+        verdicts.append(dict(worker._last))
+    assert [None if v["actor/applied"] else r for v, r in zip(verdicts, script.EXPECTED_REASONS)] == \
+        script.EXPECTED_REASONS
+    for metrics, expected in zip(verdicts, script.reference_metrics(tokens), strict=True):
+        assert metrics == pytest.approx(expected)

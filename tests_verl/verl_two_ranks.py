@@ -23,7 +23,7 @@ def run(rank: int, model_dir: str, out_dir: str, port: int) -> None:
     stops = []
     for seed in range(3):  # each rank its own half of the data, as verl's dispatch gives it
         output = worker.train_mini_batch(rollout_batch(10 * seed + rank, epochs=2))
-        stops.append(tu.get(output, "metrics")["dgg/stop"] if output is not None else None)
+        stops.append(tu.get(output, "metrics")["reuse/stop"] if output is not None else None)
     with open(os.path.join(out_dir, f"rank{rank}.txt"), "w") as handle:
         handle.write(repr(stops) + "\n" + repr(worker.dgg_rule.state_dict()) + "\n")
 

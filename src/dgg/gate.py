@@ -99,24 +99,26 @@ class GradientGate:
         return self.ready_at(2)
 
     def observe(self, energy: float, reuse_index: int) -> GateDecision:
-        """Test one update's lm_head gradient energy; call once per update attempt, before the optimizer.
+        """Test one update's lm_head gradient energy and record the outcome; call once per update attempt,
+        before the optimizer.
 
         Args:
             energy: g_t = ‖G_lm‖²_F of this update (a float or a 0-dim tensor).
             reuse_index: k of Algorithm 1, 1-based: 1 is the first update on a fresh rollout batch.
         """
+        decision = self.test(energy, reuse_index)
+        self.record(decision, reuse_index)
+        return decision
+
+    def test(self, energy: float, reuse_index: int) -> GateDecision:
+        """Eq. 8 on one update's energy, changing nothing (:meth:`observe` is this, then :meth:`record`)."""
         if isinstance(reuse_index, bool) or not isinstance(reuse_index, int) or reuse_index < 1:
             raise ValueError(f"reuse_index must be an integer >= 1 (got {reuse_index!r})")
         energy = float(energy)
-        self.observations += 1
-
         if not math.isfinite(energy):
-            return self._discard(GateDecision(energy, None, None, self.ready_at(reuse_index), True, "non_finite"))
-
+            return GateDecision(energy, None, None, self.ready_at(reuse_index), True, "non_finite")
         if self._last_accepted_energy is None:  # the first observation only sets g_prev
-            self._last_accepted_energy = energy
             return GateDecision(energy, None, None, self.ready_at(reuse_index), False, None)
-
         delta = energy - self._last_accepted_energy
         increments = self._increments(reuse_index)
         z = None
@@ -125,18 +127,24 @@ class GradientGate:
             z = (delta - mean) / (std + self.eps)
         ready = len(increments) == self.window
         if ready and reuse_index > 1 and z is not None and z > self.tau:
-            return self._discard(GateDecision(energy, delta, z, ready, True, "zscore"))
-
-        # Accepted: Algorithm 1 line 11, the statistics move only with applied updates.
-        self._last_accepted_energy = energy
-        if self.history != "reuse" or reuse_index > 1:
-            increments.append(delta)
+            return GateDecision(energy, delta, z, ready, True, "zscore")
         return GateDecision(energy, delta, z, ready, False, None)
 
-    def _discard(self, decision: GateDecision) -> GateDecision:
-        self.discards += 1
-        self.discards_by_reason[decision.reason] = self.discards_by_reason.get(decision.reason, 0) + 1
-        return decision
+    def record(self, decision: GateDecision, reuse_index: int, applied: bool | None = None) -> None:
+        """Account for a tested step. ``applied`` (default: the gate's own answer): the step reached the optimizer,
+        so its energy becomes g_prev and its increment enters the window (Algorithm 1, line 11: the statistics
+        move only with applied updates); a step the gate discarded and nobody applied only counts."""
+        self.observations += 1
+        if not (not decision.discard if applied is None else applied):
+            if decision.discard:
+                self.discards += 1
+                self.discards_by_reason[decision.reason] = self.discards_by_reason.get(decision.reason, 0) + 1
+            return
+        if not math.isfinite(decision.energy):
+            return
+        self._last_accepted_energy = decision.energy
+        if decision.delta is not None and (self.history != "reuse" or reuse_index > 1):
+            self._increments(reuse_index).append(decision.delta)
 
     def counters(self) -> dict[str, int]:
         """Flat counters for a logger: ``gate/observations``, ``gate/discards``, ``gate/discards_<reason>``."""

@@ -34,7 +34,6 @@ Algorithm 1.
 
 from __future__ import annotations
 
-import copy
 import math
 import statistics
 from dataclasses import dataclass, field
@@ -145,20 +144,18 @@ class DGGRule:
 
     def __init__(self, tau: float = 0.5, window: int = 20, history: str = "all"):
         self.gate = GradientGate(tau=tau, window=window, history=history)
-        self._last: tuple[AttemptSignals, bool] | None = None  # (signals, own discard) of the latest decide
 
     def decide(self, signals: AttemptSignals) -> Verdict:
         energy = _need(signals, "lm_head_energy", self.name)
-        decision = copy.deepcopy(self.gate).observe(energy, signals.reuse_index)  # a look, not a step
-        self._last = (signals, decision.discard)
+        decision = self.gate.test(energy, signals.reuse_index)
         values = {"dgg/z": decision.z, "dgg/delta": decision.delta, "dgg/ready": decision.ready}
         return Verdict(not decision.discard, f"dgg:{decision.reason}" if decision.discard else None, values)
 
     def record(self, signals: AttemptSignals, applied: bool) -> None:
         # The gate's statistics move only with applied steps; a step another rule dropped is not observed.
-        own_discard = self._last[1] if self._last and self._last[0] is signals else not self.decide(signals).apply
-        if applied or own_discard:
-            self.gate.observe(signals.lm_head_energy, signals.reuse_index)
+        decision = self.gate.test(signals.lm_head_energy, signals.reuse_index)
+        if applied or decision.discard:
+            self.gate.record(decision, signals.reuse_index, applied)
 
     def state_dict(self) -> dict:
         return self.gate.state_dict()
@@ -297,16 +294,19 @@ class CombinedRule:
                 verdict = own
         return Verdict(verdict.apply, verdict.reason, values)
 
-    def record(self, signals: AttemptSignals, verdict: Verdict) -> None:
+    def record(self, signals: AttemptSignals, applied: bool) -> None:
         for rule in self.rules:
-            rule.record(signals, verdict.apply)
-        if not verdict.apply:
-            self.stops_by_reason[verdict.reason] = self.stops_by_reason.get(verdict.reason, 0) + 1
+            rule.record(signals, applied)
+
+    def count_stop(self, reason: str) -> None:
+        self.stops_by_reason[reason] = self.stops_by_reason.get(reason, 0) + 1
 
     def observe(self, signals: AttemptSignals) -> Verdict:
-        """decide, then record: what a training loop calls once per attempt."""
+        """decide, record and count: what a replay calls once per attempt (a trainer calls ReuseController)."""
         verdict = self.decide(signals)
-        self.record(signals, verdict)
+        self.record(signals, verdict.apply)
+        if not verdict.apply:
+            self.count_stop(verdict.reason)
         return verdict
 
     def find(self, name: str):

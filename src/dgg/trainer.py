@@ -36,7 +36,8 @@ from dgg.precision import autocast, bf16_warning, machine_threads, resolve_preci
 from dgg.preemption import STOP, RunStopped, stop_signals
 from dgg.probe import LMHeadGradProbe
 from dgg.profiler import WeightChangeProfiler
-from dgg.reuse_rules import AttemptSignals, DGGRule, Verdict, make_rule
+from dgg.reuse.controller import ReuseController, StepVerdict
+from dgg.reuse_rules import AttemptSignals
 from dgg.rewards import CustomReward, scorable_task
 from dgg.rollout import RolloutBatch, completion_logprobs, score_old_policy
 from dgg.run_io import (  # noqa: F401 (load_run_config and the constants are re-exported)
@@ -57,7 +58,6 @@ from dgg.tasks import Problem, make_task, resolve_prompt_format, safe_reward
 from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
 
 log = logging.getLogger("dgg.trainer")
-COUNTS = ("silenced_tokens", "masked_tokens")  # update statistics that add up over micro-batches (not means)
 
 def episode_sampler(config: Config, model, tokenizer, task, chat: bool):
     from dgg.agents import EpisodeLimits, EpisodeSampler
@@ -167,11 +167,10 @@ class GRPOTrainer:
         if config.loss.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
-        # The reuse rule decides (the paper's gate by default in dgg mode). Without a dgg rule the gate still
-        # watches (τ = ∞, applied steps only), so its z-scores are logged in every mode (Fig. 3).
-        self.rule = make_rule(config.reuse.rule_spec, config.reuse.rule_settings())
-        self.watch = self.rule.find("dgg") or DGGRule(math.inf, config.reuse.window, config.reuse.history)
-        self.gate = self.watch.gate
+        # The reuse decision, the same object TRL and verl call (dgg.reuse): the paper's gate by default in dgg
+        # mode; without a dgg rule the gate still watches at τ = ∞, so its z-scores are logged in every mode.
+        self.controller = ReuseController(config.reuse.rule_spec, config.reuse.rule_settings())
+        self.rule, self.gate = self.controller.rule, self.controller.gate
         self.probe = LMHeadGradProbe(model, tied=config.reuse.tied)
         self.profiler = WeightChangeProfiler(model, config.profile.snapshot_on_cpu) \
             if config.profile.weights_every else None
@@ -391,30 +390,22 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.probe.reset()
         self._theorem2_parts, self._theorem2_seconds = [], 0.0
-        loss, stats = self._backward(batch)  # line 4
+        loss, diagnostics = self._backward(batch)  # line 4, its statistics handed to the controller
 
         if not math.isfinite(loss):
-            return self._skip(batch, reuse_index, stats, loss, started, "non_finite_loss")
+            self.controller.discard_micro_batches()
+            return self._skip(StepVerdict(False, "non_finite_loss", AttemptSignals(reuse_index)), diagnostics,
+                              loss, started)
         gate_started = time.perf_counter()
         energy = float(self.probe.energy())  # line 5: g_t, read before any clipping
         grad_norm = _global_grad_norm(self.optimizer)
-        if not (math.isfinite(energy) and math.isfinite(grad_norm)):
-            return self._skip(batch, reuse_index, stats, loss, started, "non_finite_grad", energy, grad_norm)
-        signals = AttemptSignals(
-            reuse_index=reuse_index, lm_head_energy=energy, approx_kl=stats.get("kl"),
-            log_ratio_mean=stats.get("log_ratio_mean"), log_ratio_sq_mean=stats.get("log_ratio_sq_mean"),
-            clip_fraction=stats.get("clip_ratio"), ratio_max=stats.get("ratio_max"), grad_norm=grad_norm,
-            active_tokens=int(batch.completion_mask.sum()), has_signal=bool(batch.advantages.abs().max() > 0))
-        decision = self.rule.observe(signals)  # line 6: the gate (or another rule) decides
-        if self.watch not in self.rule.rules:
-            decision = Verdict(decision.apply, decision.reason, {**self.watch.decide(signals).values,
-                                                                 **decision.values})
-            self.watch.record(signals, decision.apply)
-        stats["perf/gate_seconds"] = time.perf_counter() - gate_started  # the whole cost of DGG per update
-        stats["active_tokens"], stats["has_signal"] = signals.active_tokens, signals.has_signal
-        stats.update(self._theorem2_check(energy))
-        if not decision.apply:  # line 7
-            return self._skip(batch, reuse_index, stats, loss, started, decision.reason, energy, grad_norm, decision)
+        verdict = self.controller.decide(reuse_index, energy, grad_norm)  # line 6: the rule decides
+        if verdict.reason == "non_finite_grad":
+            return self._skip(verdict, diagnostics, loss, started)
+        diagnostics["perf/gate_seconds"] = time.perf_counter() - gate_started  # the whole cost of DGG per update
+        diagnostics.update(self._theorem2_check(energy))
+        if not verdict.apply:  # line 7
+            return self._skip(verdict, diagnostics, loss, started)
 
         if self.config.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_norm_(self._params(), self.config.optim.grad_clip)
@@ -423,7 +414,7 @@ class GRPOTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.probe.reset()
         self.state.updates += 1
-        self._log_update(reuse_index, stats, loss, energy, grad_norm, decision, started, applied=True)
+        self._log_update(verdict, diagnostics, loss, started)
         if self.profiler and self.state.updates % self.config.profile.weights_every == 0:
             sampled = torch.unique(torch.cat(self._sampled_ids)) if self._sampled_ids else None
             self._sampled_ids = []
@@ -433,7 +424,8 @@ class GRPOTrainer:
         return True
 
     def _backward(self, batch: RolloutBatch) -> tuple[float, dict[str, float]]:
-        """Loss of Eq. 1 over the batch's T active tokens, back-propagated in micro-batches."""
+        """Loss of Eq. 1 over the batch's T active tokens, back-propagated in micro-batches. Each micro-batch's
+        ratio statistics go to the controller; returned: the loss and the energy split, when it ran."""
         cfg = self.config
         total_tokens = float(batch.completion_mask.sum().clamp(min=1.0))
         # Aggregation weights come from the whole batch, so micro-batches add up to it exactly.
@@ -448,7 +440,7 @@ class GRPOTrainer:
             and self.objective.is_papers_surrogate else None
         need_logits = self.check_theorem2 or split is not None or self.objective.needs_entropy
         old_chunks = []
-        loss_sum, sums = 0.0, {}
+        loss_sum = 0.0
         for start in range(0, batch.size, size):
             rows = slice(start, start + size)
             mask = batch.completion_mask[rows]
@@ -482,21 +474,15 @@ class GRPOTrainer:
                 return math.nan, {}
             (loss * share).backward()
             loss_sum += float(loss.detach()) * share
-            weight = float(mask.sum()) / total_tokens  # statistics stay means over the batch's active tokens
-            for key, value in stats.items():
-                reduce_max = key == "ratio_max"
-                previous = sums.get(key, -math.inf if reduce_max else 0.0)
-                if reduce_max:
-                    sums[key] = max(previous, float(value))
-                else:  # counts add up; everything else is a mean over the batch's active tokens
-                    sums[key] = previous + float(value) * (1.0 if key in COUNTS else weight)
+            self.controller.add_micro_batch(stats, float(mask.sum()), bool(batch.advantages[rows].abs().max() > 0))
         if first_pass:
             batch.old_logprobs = torch.cat(old_chunks)
+        diagnostics = {}
         if split is not None:
             split_started = time.perf_counter()
-            sums.update(split.metrics())
+            diagnostics = split.metrics()
             self._paused_seconds += time.perf_counter() - split_started
-        return loss_sum, sums
+        return loss_sum, diagnostics
 
     @torch.no_grad()
     def _theorem2_terms(self, batch: RolloutBatch, rows: slice, hidden: torch.Tensor, logits: torch.Tensor,
@@ -517,15 +503,13 @@ class GRPOTrainer:
         values["theory/bound_violations"] = self.state.bound_violations
         return values
 
-    def _skip(self, batch, reuse_index, stats, loss, started, reason, energy=None, grad_norm=None,
-              decision: Verdict | None = None) -> bool:
+    def _skip(self, verdict: StepVerdict, diagnostics: dict, loss: float, started: float) -> bool:
         """Drop this update's gradient before the optimizer: AdamW's moments and step count stay untouched."""
         self.optimizer.zero_grad(set_to_none=True)
         self.probe.reset()
-        if reason in ("non_finite_loss", "non_finite_grad"):
+        if verdict.reason in ("non_finite_loss", "non_finite_grad"):
             self.state.nonfinite_skips += 1
-        self._log_update(reuse_index, stats, loss, energy, grad_norm, decision, started, applied=False,
-                         reason=reason)
+        self._log_update(verdict, diagnostics, loss, started)
         return False
 
     def _params(self):
@@ -538,30 +522,17 @@ class GRPOTrainer:
         self.state.wall_time += now - self._clock - self._paused_seconds
         self._clock, self._paused_seconds = now, 0.0
 
-    def _log_update(self, reuse_index, stats, loss, energy, grad_norm, decision, started, applied, reason=None):
+    def _log_update(self, verdict: StepVerdict, diagnostics: dict, loss: float, started: float) -> None:
         self._tick()
-        values = decision.values if decision is not None else {}
-        values = {
-            "reuse_index": reuse_index,
+        self.metrics.write("update", self.state, {
+            **verdict.metrics(),  # the vocabulary TRL and verl log too (docs/metrics.md)
             **self._mini_batch,
             "update": self.state.updates,
-            "actor/applied": applied,
             "actor/pg_loss": _finite_or_none(loss),
-            "actor/grad_norm": _finite_or_none(grad_norm),
-            "actor/lm_head_grad_energy": _finite_or_none(energy),
-            **{(k if "/" in k else f"actor/{k}"): v for k, v in stats.items()},
+            **{(k if "/" in k else f"actor/{k}"): v for k, v in diagnostics.items()},
             "actor/nonfinite_skips": self.state.nonfinite_skips,
-            "gate/z": _finite_or_none(values.get("dgg/z")),
-            "gate/delta": _finite_or_none(values.get("dgg/delta")),
-            "gate/ready": bool(values.get("dgg/ready", False)),
-            "gate/discard": reason == "dgg:zscore",  # the paper's gate dropped this step
-            "gate/reason": "zscore" if reason == "dgg:zscore" else reason,
-            "reuse/stop": reason is not None and not reason.startswith("non_finite"),
-            "reuse/stop_reason": reason,
-            **{k: v for k, v in values.items() if not k.startswith("dgg/")},
             "perf/update_seconds": time.perf_counter() - started,
-        }
-        self.metrics.write("update", self.state, values)
+        })
 
     def _log_rollout(self, batch: RolloutBatch, reuse_count: int) -> None:
         self._tick()
@@ -633,8 +604,7 @@ class GRPOTrainer:
             "state": asdict(self.state),
             "optimizer": self.optimizer.state_dict(),
             "gate": self.gate.state_dict(),
-            "reuse_rule": self.rule.state_dict(),
-            "watch": self.watch.state_dict(),
+            **self.controller.state_dict(),  # "reuse_rule" and "watch"
             "profiler": self.profiler.state_dict() if self.profiler else None,
             "sampled_ids": self._sampled_ids,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -653,8 +623,7 @@ class GRPOTrainer:
         self.state = RunState(**saved["state"])
         self.optimizer.load_state_dict(saved["optimizer"])
         if "reuse_rule" in saved:
-            self.rule.load_state_dict(saved["reuse_rule"])
-            self.watch.load_state_dict(saved["watch"])
+            self.controller.load_state_dict({"reuse_rule": saved["reuse_rule"], "watch": saved["watch"]})
         else:  # a checkpoint from before reuse rules: the gate was the only state
             self.gate.load_state_dict(saved["gate"])
         if self.profiler and saved["profiler"] is not None:

@@ -38,12 +38,26 @@ def parse_settings(assignments: list[str]):
     return RuleSettings(**values)
 
 
+def check_has_updates(records: list[dict], source) -> None:
+    """A log without dgg's per-update records can say nothing about any rule: refuse it (a replay over no update
+    would report every rule as "never" stopping, a silent wrong answer)."""
+    if any(r.get("kind") == "update" for r in records):
+        return
+    if records and all("step" in r and "data" in r for r in records):
+        raise ValueError(f"{source} is a verl file-logger log: its values are averaged over every mini-batch and "
+                         "epoch of a training step, and it has no lm_head energy, so no rule can be replayed on it "
+                         "here; replay a dgg run's metrics.jsonl")
+    raise ValueError(f"{source} holds no update records (lines with \"kind\": \"update\"), so no rule can be "
+                     "replayed on it; replay a dgg run's metrics.jsonl")
+
+
 def run(args: argparse.Namespace) -> int:
     from dgg.analysis import read_metrics
     from dgg.reuse_rules import RuleSignalMissing, make_rule, replay
 
     try:
         records = read_metrics(Path(args.run_dir))
+        check_has_updates(records, args.run_dir)
         settings = parse_settings(args.set)
         rules = [make_rule(spec, settings) for spec in (args.rule or DEFAULT_RULES)]
         results = {rule.name: replay(records, rule) for rule in rules}

@@ -24,7 +24,6 @@ See ``docs/trl.md`` for the exact semantics, including what happens to the promp
 from __future__ import annotations
 
 import json
-import math
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -42,9 +41,10 @@ from transformers import TrainerCallback
 from dgg.gate import GradientGate, check_gate_settings
 from dgg.loss import ratio_statistics
 from dgg.preemption import STOP, RunStopped, StopFlag, stop_signals
-from dgg.reuse_rules import KL_ESTIMATORS, AttemptSignals, RuleSettings, Verdict, make_rule, parse_rule_names
+from dgg.reuse.controller import STATE_FILE, ReuseController, StepVerdict, torch_distributed
+from dgg.reuse_rules import KL_ESTIMATORS, AttemptSignals, RuleSettings, make_rule, parse_rule_names
 
-GATE_STATE_FILE = "dgg_gate_state.json"
+GATE_STATE_FILE = "dgg_gate_state.json"  # what checkpoints written before the controller hold; still read
 
 
 def reuse_index_of_step(micro_steps_done: int, steps_per_generation: int, num_iterations: int) -> int:
@@ -141,6 +141,13 @@ class DGGGRPOConfig(GRPOConfig):
     dgg_gradnorm_sigma: float = field(default=6.0, metadata={"help": "gradnorm rule: skip beyond this many std."})
     """gradnorm rule: drop a step more than this many standard deviations from the mean (OLMo-core: 6)."""
 
+    dgg_watch_only: bool = field(
+        default=False,
+        metadata={"help": "Apply every step as stock GRPOTrainer would; log what the rule would have done."},
+    )
+    """Watch mode: every step is applied exactly as by ``GRPOTrainer``; each step's signals and the rule's answer
+    (``reuse/would_stop``, ``reuse/would_stop_reason``) are logged, so a rule can be screened on a real run."""
+
     def rule_settings(self) -> RuleSettings:
         return RuleSettings(tau=self.dgg_tau, window=self.dgg_window, history=self.dgg_history,
                             target_kl=self.dgg_target_kl, kl_estimator=self.dgg_kl_estimator,
@@ -211,19 +218,29 @@ class DGGGRPOTrainer(GRPOTrainer):
         super().__init__(model, reward_funcs, args, *positional, **kwargs)
         self.dgg_stop = STOP  # SIGTERM/SIGINT during train(): save a checkpoint at the step's end, stop
         self.add_callback(_SaveAndStopOnSignal(self.dgg_stop))
+        self.dgg_controller: ReuseController | None = None
         self.dgg_gate: GradientGate | None = None
         self.dgg_rule = None
-        self.dgg_last_decision: Verdict | None = None
-        self.dgg_last_signals: AttemptSignals | None = None
+        self.dgg_last_verdict: StepVerdict | None = None
         self._dgg_probe = None
-        self._dgg_ratio_sums: dict[str, float] = {}
         if not args.dgg_enabled:
             return
         plugin = getattr(self.accelerator.state, "fsdp_plugin", None)
         _refuse_unsupported_distribution(self.accelerator.distributed_type, getattr(plugin, "fsdp_version", None))
-        self.dgg_rule = make_rule(args.dgg_rule, args.rule_settings())
+        agree = torch_distributed(device=self.accelerator.device) if self.accelerator.num_processes > 1 else None
+        self.dgg_controller = ReuseController(args.dgg_rule, args.rule_settings(), watch_only=args.dgg_watch_only,
+                                              **({"agree": agree} if agree else {}))
+        self.dgg_rule = self.dgg_controller.rule
         dgg = self.dgg_rule.find("dgg")
         self.dgg_gate = dgg.gate if dgg is not None else None
+
+    @property
+    def dgg_last_decision(self) -> StepVerdict | None:  # the name this attribute had before the controller
+        return self.dgg_last_verdict
+
+    @property
+    def dgg_last_signals(self) -> AttemptSignals | None:
+        return self.dgg_last_verdict.signals if self.dgg_last_verdict is not None else None
 
     # ---- the gate, once per optimizer step -------------------------------------------------------------
 
@@ -263,27 +280,15 @@ class DGGGRPOTrainer(GRPOTrainer):
         old = logps if old is None else old  # TRL skips π_old when it equals π_θ (one pass per batch)
         stats = ratio_statistics(logps, old, inputs["advantages"], mask, self.args.epsilon,
                                  getattr(self.args, "epsilon_high", None))
-        tokens = float(mask.sum())
-        sums = self._dgg_ratio_sums
-        for key, value in stats.items():
-            if key == "ratio_max":
-                sums[key] = max(sums.get(key, -math.inf), float(value))
-            else:
-                sums[key] = sums.get(key, 0.0) + float(value) * tokens
-        sums["tokens"] = sums.get("tokens", 0.0) + tokens
-        sums["has_signal"] = float(sums.get("has_signal", 0.0) or bool(inputs["advantages"].abs().max() > 0))
+        self.dgg_controller.add_micro_batch(stats, float(mask.sum()), bool(inputs["advantages"].abs().max() > 0))
 
     def _gate_optimizer_step(self, model) -> None:
         """Algorithm 1, lines 5–9, between the last backward and the optimizer of one optimizer step."""
         reuse_index = reuse_index_of_step(self._step, self.args.steps_per_generation, self.num_iterations)
         energy = self._lm_head_grad_energy()
         self._dgg_probe.reset()
-        signals = self._attempt_signals(reuse_index, energy, _pre_clip_grad_norm(model))
-        if math.isfinite(energy) or self.dgg_gate is not None:
-            decision = self.dgg_rule.observe(signals)  # a non-finite energy is the gate's own discard
-        else:
-            decision = Verdict(False, "non_finite")
-        if not decision.apply:
+        verdict = self.dgg_controller.decide(reuse_index, energy, _pre_clip_grad_norm(model))
+        if not verdict.apply:
             # Gradient discard: with every .grad None, clipping sees nothing and AdamW skips every parameter,
             # so its moments and step counts are untouched. The LR scheduler and global_step still advance.
             model.zero_grad(set_to_none=True)
@@ -292,26 +297,8 @@ class DGGGRPOTrainer(GRPOTrainer):
                 skip_scaled_optimizer_step(self.optimizer, scaler)
             # Reuse termination: TRL regenerates when _step reaches a multiple of steps_per_generation * K.
             self._step = next_generation_boundary(self._step, self.args.steps_per_generation, self.num_iterations)
-        self.dgg_last_decision, self.dgg_last_signals = decision, signals
-        self._log_gate(decision, signals)
-
-    def _attempt_signals(self, reuse_index: int, energy: float, grad_norm: float) -> AttemptSignals:
-        """This optimizer step's signals: token-weighted over its micro-steps, identical on every process."""
-        sums, self._dgg_ratio_sums = self._dgg_ratio_sums, {}
-        names = ("kl", "log_ratio_mean", "log_ratio_sq_mean", "clip_ratio", "tokens", "has_signal", "ratio_max")
-        values = [sums.get(name, math.nan) for name in names]
-        if self.accelerator.num_processes > 1:  # rank 0's numbers, as for the energy: one decision everywhere
-            import torch
-
-            values = broadcast(torch.tensor(values, device=self.accelerator.device), from_process=0).tolist()
-        kl, log_ratio, log_ratio_sq, clip, tokens, has_signal, ratio_max = values
-        per_token = (lambda total: total / tokens) if tokens and math.isfinite(tokens) else (lambda total: None)
-        return AttemptSignals(
-            reuse_index=reuse_index, lm_head_energy=energy, approx_kl=per_token(kl),
-            log_ratio_mean=per_token(log_ratio), log_ratio_sq_mean=per_token(log_ratio_sq),
-            clip_fraction=per_token(clip), ratio_max=ratio_max if math.isfinite(ratio_max) else None,
-            grad_norm=grad_norm, active_tokens=int(tokens) if math.isfinite(tokens) else None,
-            has_signal=bool(has_signal) if math.isfinite(has_signal) else None)
+        self.dgg_last_verdict = verdict
+        self._log_verdict(verdict)
 
     def _lm_head_grad_energy(self) -> float:
         """g_t = ‖G_lm‖²_F of the gradient the optimizer would apply, identical on every process."""
@@ -325,19 +312,12 @@ class DGGGRPOTrainer(GRPOTrainer):
             energy = broadcast(energy.to(self.accelerator.device).reshape(1), from_process=0)
         return float(energy.reshape(()).item())
 
-    def _log_gate(self, decision: Verdict, signals: AttemptSignals) -> None:
-        # Per-step values are averaged over the logging interval by GRPOTrainer.log (gate/discard becomes the
-        # discard rate); counters are cumulative, so only the latest value is kept.
+    def _log_verdict(self, verdict: StepVerdict) -> None:
+        # dgg's vocabulary (docs/metrics.md), numbers only: GRPOTrainer.log averages each key over the logging
+        # interval (reuse/stop becomes the stop rate); the running counters keep their latest value.
         metrics = self._metrics["train"]
-        z = decision.values.get("dgg/z")
-        metrics["actor/lm_head_grad_energy"].append(signals.lm_head_energy)
-        metrics["gate/z"].append(z if z is not None else math.nan)
-        # Named as in dgg's own trainer: gate/discard is the paper's gate dropping the step, reuse/stop any rule.
-        metrics["gate/discard"].append(float(decision.reason == "dgg:zscore"))
-        metrics["reuse/stop"].append(float(not decision.apply))
-        metrics["gate/reuse_index"].append(float(signals.reuse_index))
-        if signals.approx_kl is not None:
-            metrics["actor/approx_kl"].append(signals.approx_kl)
+        for key, value in verdict.numeric_metrics().items():
+            metrics[key].append(value)
         if self.dgg_gate is not None:
             for name, count in self.dgg_gate.counters().items():
                 metrics[name] = [float(count)]
@@ -348,27 +328,29 @@ class DGGGRPOTrainer(GRPOTrainer):
 
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.dgg_rule is not None and self.args.should_save:
+        if self.dgg_controller is not None and self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"checkpoint-{self.state.global_step}")
-            state = self.dgg_gate.state_dict() if self.dgg_gate is not None else {}
-            with open(os.path.join(folder, GATE_STATE_FILE), "w") as file:
-                json.dump({**state, "reuse_rule": self.dgg_rule.state_dict()}, file)
+            with open(os.path.join(folder, STATE_FILE), "w") as file:
+                json.dump(self.dgg_controller.state_dict(), file)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         super()._load_optimizer_and_scheduler(checkpoint)
-        if self.dgg_rule is not None and checkpoint is not None:
-            path = os.path.join(checkpoint, GATE_STATE_FILE)
-            if os.path.exists(path):
-                with open(path) as file:
-                    saved = json.load(file)
-                if "reuse_rule" in saved:
-                    self.dgg_rule.load_state_dict(saved["reuse_rule"])
-                elif self.dgg_gate is not None:  # written before reuse rules: the gate's state alone
-                    self.dgg_gate.load_state_dict(saved)
+        if self.dgg_controller is None or checkpoint is None:
+            return
+        if os.path.exists(path := os.path.join(checkpoint, STATE_FILE)):
+            with open(path) as file:
+                self.dgg_controller.load_state_dict(json.load(file))
+        elif os.path.exists(path := os.path.join(checkpoint, GATE_STATE_FILE)):  # written before the controller
+            with open(path) as file:
+                saved = json.load(file)
+            if "reuse_rule" in saved:
+                self.dgg_rule.load_state_dict(saved["reuse_rule"])
+            elif self.dgg_gate is not None:  # written before reuse rules: the gate's state alone
+                self.dgg_gate.load_state_dict(saved)
 
     def train(self, *args, **kwargs):
         # The probe lives for one train() call, so no hook outlasts training.
-        if self.dgg_rule is not None:
+        if self.dgg_controller is not None:
             from dgg import LMHeadGradProbe
 
             self._dgg_probe = LMHeadGradProbe(self.model, tied=self.args.dgg_tied)

@@ -12,8 +12,9 @@ Where it hooks. verl's actor update is ``TrainingWorker.train_mini_batch``: it c
 mini-batches and iterates over them ``ppo_epochs`` times, calling ``train_batch`` → ``engine.train_batch`` →
 ``engine.optimizer_step`` once per mini-batch. :class:`DGGTrainingWorker` wraps ``engine.optimizer_step``: after
 the last backward of a mini-batch, with gradients reduced across data-parallel ranks and before clipping, it
-reads the lm_head gradient energy (:class:`dgg.LMHeadGradProbe`, exact on FSDP2 shards), asks the reuse rule,
-and broadcasts rank 0's decision so that every rank acts alike. On a drop the gradients are cleared and the
+reads the lm_head gradient energy (:class:`dgg.LMHeadGradProbe`, exact on FSDP2 shards) and asks
+:class:`dgg.reuse.ReuseController`, the decision the reference trainer and TRL make too; its statistics are
+all-reduced over the data-parallel group, so every rank decides alike. On a drop the gradients are cleared and the
 optimizer is not called (AdamW's moments and step count stay untouched); the remaining mini-batches of that
 rollout batch are skipped without a forward or backward, but the loop still runs on every rank (so verl's own
 collectives stay matched) and the LR scheduler is stepped exactly where verl steps it.
@@ -21,9 +22,11 @@ collectives stay matched) and the LR scheduler is stepped exactly where verl ste
 k of Algorithm 1 is the epoch: the i-th optimizer step of a batch (0-based) with m mini-batches per epoch has
 k = i // m + 1, so with one mini-batch per epoch every step is one pass, as in the paper.
 
-The rule sees the lm_head energy, whether any advantage in the mini-batch is non-zero, and verl's own loss
-metrics (``actor/ppo_kl``, Spinning Up's k1 estimate, and ``actor/pg_clipfrac``) averaged over micro-batches
-and ranks; SB3's k3 KL is not computed by verl, so ``kl`` here needs ``DGG_KL_ESTIMATOR=k1``.
+The rule sees the lm_head energy, the global gradient norm before clipping, whether any advantage in the
+mini-batch is non-zero, and verl's own loss metrics (``actor/ppo_kl``, Spinning Up's k1 estimate, and
+``actor/pg_clipfrac``) token-weighted over micro-batches and ranks; SB3's k3 KL is not computed by verl, so
+``kl`` here needs ``DGG_KL_ESTIMATOR=k1``. ``DGG_WATCH_ONLY=1`` applies every step as stock verl and logs what the
+rule would have done.
 """
 
 from __future__ import annotations
@@ -47,9 +50,10 @@ import torch.distributed as dist
 
 from dgg.errors import UserError
 from dgg.probe import LMHeadGradProbe
-from dgg.reuse_rules import AttemptSignals, RuleSettings, Verdict, make_rule, parse_rule_names
+from dgg.reuse.controller import STATE_FILE, ReuseController, torch_distributed
+from dgg.reuse_rules import RuleSettings, parse_rule_names
 
-STATE_FILE = "dgg_rule_state.json"
+LEGACY_STATE_FILE = "dgg_rule_state.json"  # what checkpoints written before the controller hold; still read
 ENV_PREFIX = "DGG_"
 
 
@@ -98,50 +102,27 @@ def settings_from_environment(environ=os.environ) -> tuple[str, RuleSettings, st
     return spec, settings, tied
 
 
-def _mean_over_ranks(value: float, group) -> float:
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64)
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-    return float(tensor.item()) / dist.get_world_size(group)
-
-
-def _any_over_ranks(flag: bool, group) -> bool:
-    if not dist.is_initialized() or dist.get_world_size(group) == 1:
-        return flag
-    tensor = torch.tensor([1.0 if flag else 0.0])
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
-    return bool(tensor.item() > 0)
-
-
-def _rank_zero_decides(apply: bool) -> bool:
-    """Every rank computes the same energy, but only one answer may act: rank 0's, broadcast."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return apply
-    tensor = torch.tensor([1 if apply else 0], dtype=torch.int32)
-    dist.broadcast(tensor, src=0)
-    return bool(tensor.item())
-
-
 class _LossSignals:
-    """Wraps verl's loss function to keep, per optimizer step, what the rules read from it."""
+    """Wraps verl's loss function: each micro-batch's statistics go to the controller (verl's ppo_kl and
+    pg_clipfrac are means over the micro-batch's response tokens, so the controller weights them by those)."""
 
-    def __init__(self, loss_fn):
-        self.loss_fn = loss_fn
-        self.reset()
+    STATISTICS = {"actor/ppo_kl": ("log_ratio_mean", -1.0), "actor/pg_clipfrac": ("clip_ratio", 1.0)}
 
-    def reset(self) -> None:
-        self.kl, self.clip, self.has_signal = [], [], False
+    def __init__(self, loss_fn, controller: ReuseController):
+        self.loss_fn, self.controller = loss_fn, controller
 
     def __call__(self, *args, **kwargs):
         loss, metrics = self.loss_fn(*args, **kwargs)
         data = kwargs["data"] if "data" in kwargs else args[1]
-        for key, store in (("actor/ppo_kl", self.kl), ("actor/pg_clipfrac", self.clip)):
+        statistics = {}
+        for key, (name, sign) in self.STATISTICS.items():
             metric = metrics.get(key)
             if metric is not None:
-                store.append(float(metric.aggregate() if hasattr(metric, "aggregate") else metric))
-        advantages = data.select("advantages").to_padded_tensor()["advantages"] if "advantages" in data else None
-        self.has_signal |= advantages is None or bool((advantages != 0).any())
+                statistics[name] = sign * float(metric.aggregate() if hasattr(metric, "aggregate") else metric)
+        padded = data.select(*(k for k in ("advantages", "response_mask") if k in data)).to_padded_tensor()
+        tokens = float(padded["response_mask"].sum()) if "response_mask" in padded else 1.0
+        has_signal = "advantages" not in padded or bool((padded["advantages"] != 0).any())
+        self.controller.add_micro_batch(statistics, tokens, has_signal)
         return loss, metrics
 
 
@@ -149,10 +130,13 @@ class DGGTrainingWorker(TrainingWorker):
     """verl's actor ``TrainingWorker`` with a reuse rule (the paper's gate by default) before every optimizer step."""
 
     def __init__(self, config, rule_spec: str | None = None, settings: RuleSettings | None = None,
-                 tied: str | None = None):
+                 tied: str | None = None, watch_only: bool | None = None):
         super().__init__(config)
         env_spec, env_settings, env_tied = settings_from_environment()
-        self.dgg_rule = make_rule(rule_spec or env_spec, settings or env_settings)
+        self.dgg_controller = ReuseController(
+            rule_spec or env_spec, settings or env_settings,
+            watch_only=watch_only_from_environment() if watch_only is None else watch_only)
+        self.dgg_rule = self.dgg_controller.rule
         self._tied = tied or env_tied
         self._probe = None
         self._step_in_batch, self._per_epoch, self._stopped = 0, 1, False
@@ -160,7 +144,7 @@ class DGGTrainingWorker(TrainingWorker):
 
     # -- verl's entry points ------------------------------------------------------------------------------
     def set_loss_fn(self, loss_fn):
-        self.loss_fn = _LossSignals(loss_fn)
+        self.loss_fn = _LossSignals(loss_fn, self.dgg_controller)
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
     def train_mini_batch(self, data):
@@ -175,7 +159,7 @@ class DGGTrainingWorker(TrainingWorker):
     def train_batch(self, data):
         if self._stopped:
             return self._skipped_mini_batch(data)
-        self.loss_fn.reset()
+        self.dgg_controller.discard_micro_batches()  # only this mini-batch's micro-batches make its decision
         output = super().train_batch(data)
         if output is not None:
             tu.get(output, "metrics").update(self._last)
@@ -187,14 +171,18 @@ class DGGTrainingWorker(TrainingWorker):
             os.makedirs(local_path, exist_ok=True)
             partial = os.path.join(local_path, STATE_FILE + ".partial")
             with open(partial, "w", encoding="utf-8") as handle:
-                json.dump(self.dgg_rule.state_dict(), handle)
+                json.dump(self.dgg_controller.state_dict(), handle)
             os.replace(partial, os.path.join(local_path, STATE_FILE))  # never a half-written state
         return result
 
     def load_checkpoint(self, local_path, *args, **kwargs):
         result = super().load_checkpoint(local_path, *args, **kwargs)
-        path = os.path.join(local_path, STATE_FILE) if local_path else None
-        if path and os.path.exists(path):
+        if not local_path:
+            return result
+        if os.path.exists(path := os.path.join(local_path, STATE_FILE)):
+            with open(path, encoding="utf-8") as handle:
+                self.dgg_controller.load_state_dict(json.load(handle))
+        elif os.path.exists(path := os.path.join(local_path, LEGACY_STATE_FILE)):  # the rule's state alone
             with open(path, encoding="utf-8") as handle:
                 self.dgg_rule.load_state_dict(json.load(handle))
         return result
@@ -210,37 +198,20 @@ class DGGTrainingWorker(TrainingWorker):
             raise UserError("dgg.integrations.verl: FSDP version 1 flattens parameters, so the lm_head gradient "
                             "cannot be read exactly; use actor_rollout_ref.actor.strategy=fsdp2")
         self._probe = LMHeadGradProbe(self.engine.module, tied=self._tied)
+        self.dgg_controller.agree = torch_distributed(group=self.engine.get_data_parallel_group())
         self._verl_optimizer_step = self.engine.optimizer_step
         self.engine.optimizer_step = self._gated_optimizer_step
 
-    def _signals(self) -> AttemptSignals:
-        group = self.engine.get_data_parallel_group()
-        loss = self.loss_fn
-        kl = _mean_over_ranks(sum(loss.kl) / len(loss.kl), group) if loss.kl else None
-        clip = _mean_over_ranks(sum(loss.clip) / len(loss.clip), group) if loss.clip else None
-        return AttemptSignals(reuse_index=reuse_index(self._step_in_batch, self._per_epoch),
-                              lm_head_energy=float(self._probe.energy()),
-                              log_ratio_mean=None if kl is None else -kl, clip_fraction=clip,
-                              grad_norm=self._grad_norm(), has_signal=_any_over_ranks(loss.has_signal, group))
-
     def _gated_optimizer_step(self):
-        signals = self._signals()
-        verdict = self.dgg_rule.decide(signals)
-        apply = _rank_zero_decides(verdict.apply)
-        if apply != verdict.apply:  # only if ranks disagreed; rank 0's answer holds everywhere
-            verdict = Verdict(apply, None if apply else "rank0", verdict.values)
-        self.dgg_rule.record(signals, verdict)
+        k = reuse_index(self._step_in_batch, self._per_epoch)
+        verdict = self.dgg_controller.decide(k, float(self._probe.energy()), self._grad_norm())
         self._step_in_batch += 1
-        self._last = {"dgg/reuse_index": signals.reuse_index, "dgg/lm_head_grad_energy": signals.lm_head_energy,
-                      "dgg/stop": float(not apply),
-                      "dgg/discard": float(not apply and str(verdict.reason).startswith("dgg")),
-                      **{key: float(value) for key, value in verdict.values.items() if value is not None}}
-        if apply:
+        self._last = verdict.numeric_metrics()  # dgg's vocabulary (docs/metrics.md), beside verl's own metrics
+        if verdict.apply:
             return self._verl_optimizer_step()
-        grad_norm = self._grad_norm()
         self.engine.optimizer.zero_grad(set_to_none=True)
         self._stopped = True
-        return grad_norm
+        return verdict.signals.grad_norm
 
     def _grad_norm(self) -> float:
         """The pre-clip global gradient norm verl would have logged, without touching the gradients."""
@@ -254,14 +225,23 @@ class DGGTrainingWorker(TrainingWorker):
         self._step_in_batch += 1
         if not self.engine.is_mp_src_rank_with_outputs():
             return None
-        metrics = {"dgg/skipped": 1.0, **({"lr": lr} if lr is not None else {})}
+        metrics = {"reuse/skipped": 1.0, **({"lr": lr} if lr is not None else {})}
         return tu.get_tensordict(tensor_dict={}, non_tensor_dict={"metrics": metrics})
+
+
+def watch_only_from_environment(environ=os.environ) -> bool:
+    """``DGG_WATCH_ONLY``: 1/true applies every step as stock verl would and logs what the rule would have done."""
+    raw = environ.get(f"{ENV_PREFIX}WATCH_ONLY", "0").strip().lower()
+    if raw not in ("0", "1", "true", "false", "yes", "no", ""):
+        raise UserError(f"{ENV_PREFIX}WATCH_ONLY={raw!r}: expected 1 or 0 (true or false)")
+    return raw in ("1", "true", "yes")
 
 
 def install() -> None:
     """Make verl's actor use :class:`DGGTrainingWorker` (what importing this module does). The ``DGG_*``
     settings are checked here, so a bad value stops the launch in the driver, not later in a Ray worker."""
     settings_from_environment()
+    watch_only_from_environment()
     ActorRolloutRefWorker.actor_worker_cls = DGGTrainingWorker
 
 
