@@ -33,6 +33,8 @@ CASES = {
                        "train.max_batches=6"],
     "clip_stops": ["reuse.mode=fixed", "reuse.max_reuse=3", "reuse.rule=clip+gradnorm", "reuse.target_clip=0.001",
                    "reuse.gradnorm_window=19", "train.max_batches=6"],
+    "energy_split_theorem2": ["reuse.mode=fixed", "reuse.max_reuse=2", "profile.energy_split_every=1",
+                              "profile.theorem2=true", "train.micro_batch_size=16"],
 }
 SMOLLM2 = ["-c", "smollm2_arith", "train.max_batches=2", "eval.every=0", "reuse.mode=dgg", "reuse.max_reuse=2",
            "profile.weights_every=0", "output.progress=false", "train.threads=1"]

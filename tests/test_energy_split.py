@@ -22,9 +22,11 @@ def test_the_parts_sum_to_the_probes_energy_and_each_part_is_autograds(tiny_mode
     def backward(rollouts):
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.probe.reset()
-        _, diagnostics = trainer._backward(rollouts)  # the energy split; the statistics went to the controller
+        observers = [o for o in trainer.observers if o.begin(0)]  # the energy split observes every attempt
+        trainer._backward(rollouts, observers)  # the statistics go to the controller, the forward to observers
         energy = float(trainer.probe.energy())
-        return energy, {**diagnostics, **trainer.controller.decide(2, energy).statistics}
+        return energy, {**trainer._observe(observers, "finish", energy),
+                        **trainer.controller.decide(2, energy).statistics}
 
     energy, stats = backward(batch)  # k = 2, at the weights the split is measured on
     assert stats["clip_ratio"] > 0
@@ -69,7 +71,7 @@ def test_grouped_products_match_and_the_diagnostic_is_off_the_training_clock(tin
 
     import time
 
-    import dgg.trainer as trainer_module
+    from dgg import energy_split as trainer_module  # the class the energy-split observer uses
 
     trainer = make_trainer(tiny_model_dir, tmp_path, "eval.every=0", "profile.energy_split_every=1")
     slow_add = trainer_module.EnergySplit.add

@@ -43,10 +43,10 @@ def signal_at_attempt(trainer, attempt: int, signum=signal.SIGTERM):
     """Send ``signum`` to this process while update attempt number ``attempt`` is in flight."""
     real_backward = trainer._backward
 
-    def backward(batch):
+    def backward(batch, observers):
         if trainer.state.attempts == attempt:
             os.kill(os.getpid(), signum)
-        return real_backward(batch)
+        return real_backward(batch, observers)
 
     trainer._backward = backward
 

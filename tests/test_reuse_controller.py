@@ -111,7 +111,7 @@ def test_the_trainer_path_reaches_the_scripted_verdicts(tiny_model_dir, tmp_path
         return statistics(current["attempt"], (len(calls) - 1) % 2)
 
     monkeypatch.setattr("dgg.trainer.ratio_statistics", scripted_statistics)
-    monkeypatch.setattr("dgg.trainer._global_grad_norm", lambda optimizer: current["attempt"].grad_norm)
+    monkeypatch.setattr("dgg.trainer.global_grad_norm", lambda optimizer: current["attempt"].grad_norm)
     monkeypatch.setattr(trainer.probe, "energy", lambda: torch.tensor(current["attempt"].energy))
     advantages = batch.advantages.clone()
     for attempt in SCRIPT:

@@ -446,7 +446,7 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, ag
         batch = trainer.collect_rollouts()
         batch.old_logprobs = None
         trainer.optimizer.zero_grad(set_to_none=True)
-        trainer._backward(batch)
+        trainer._backward(batch, [])
         grads.append({n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.grad is not None})
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:

@@ -93,3 +93,16 @@ def load_policy(config: ModelConfig, weights_from: str | None = None):
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"
     return model.to(resolve_device(config.device)), tokenizer
+
+
+DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop",
+                       "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
+
+
+def has_active_dropout(model) -> bool:
+    """True when a train-mode forward can differ from an eval-mode one (a dropout module or config rate > 0)."""
+    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
+        return True
+    config = getattr(model, "config", None)
+    return any(isinstance(getattr(config, key, 0), (int, float)) and getattr(config, key, 0) > 0
+               for key in DROPOUT_CONFIG_KEYS)

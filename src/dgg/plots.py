@@ -213,3 +213,37 @@ def plot_gate(records: list[dict], tau: float, out: Path, title: str = "GRPO w/ 
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def plot_replay(records: list[dict], results: dict, out: Path) -> Path:
+    """`dgg replay --plot`: each signal a rule reads, per update, with every rule's first stop marked."""
+    plt = _pyplot()
+    updates = [r for r in records if r.get("kind") == "update"]
+    panels = [(key, label) for key, label in (("actor/lm_head_grad_energy", "lm_head energy g_t"),
+                                              ("actor/kl", "k3 KL to π_old"),
+                                              ("actor/log_ratio_mean", "mean log r"),
+                                              ("actor/clip_ratio", "clip fraction"),
+                                              ("actor/grad_norm", "global grad norm"))
+              if any(r.get(key) is not None for r in updates)]
+    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(10, 2.2 * max(1, len(panels))), sharex=True,
+                             squeeze=False)
+    first_stop = {}
+    for name, result in results.items():
+        stops = result.get("stops") or []
+        if stops:
+            first_stop[name] = next((i for i, r in enumerate(updates) if r["batch"] == stops[0]["batch"]
+                                     and r["reuse_index"] == stops[0]["reuse_index"]), None)
+    for axis, (key, label) in zip(axes[:, 0], panels):
+        axis.plot(range(len(updates)), [r.get(key) for r in updates], color="#4d4d4d", linewidth=1)
+        axis.set_ylabel(label, fontsize=8)
+        for number, (name, index) in enumerate(first_stop.items()):
+            if index is not None:
+                axis.axvline(index, color=f"C{number}", linestyle="--", linewidth=1,
+                             label=f"{name}: first stop" if axis is axes[0, 0] else None)
+    axes[0, 0].legend(fontsize=7, loc="upper right") if first_stop else None
+    axes[-1, 0].set_xlabel("update (in log order)")
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

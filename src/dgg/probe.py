@@ -354,3 +354,11 @@ class LMHeadGradProbe:
     def __repr__(self) -> str:
         return (f"LMHeadGradProbe(head={self.head_name!r}, tied={self.is_tied}, mode={self.tied_mode!r}, "
                 f"pending_lookups={len(self._lookups)})")
+
+
+def global_grad_norm(optimizer) -> float:
+    """‖∇‖ over every parameter the optimizer holds, before clipping (what the gradnorm rule and logs read)."""
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if not grads:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))

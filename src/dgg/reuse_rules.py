@@ -376,8 +376,9 @@ def replay(records: list[dict], rule: CombinedRule) -> list[dict]:
     same batch are skipped, as they would not have happened.
     """
     stops, stopped_batch = [], None
-    for record in records:
-        if record.get("kind") != "update" or record["batch"] == stopped_batch:
+    updates = [r for r in records if r.get("kind") == "update"]
+    for position, record in enumerate(updates):
+        if record["batch"] == stopped_batch:
             continue
         if str(record.get("gate/reason")).startswith("non_finite"):  # never reached any rule in the run either
             continue
@@ -385,6 +386,7 @@ def replay(records: list[dict], rule: CombinedRule) -> list[dict]:
         verdict = rule.observe(signals)
         if not verdict.apply:
             stopped_batch = record["batch"]
+            skipped = sum(1 for later in updates[position:] if later["batch"] == stopped_batch)
             stops.append({"batch": record["batch"], "reuse_index": signals.reuse_index, "rollouts": record.get(
-                "rollouts"), "reason": verdict.reason, "exact": not stops})
+                "rollouts"), "reason": verdict.reason, "exact": not stops, "updates_skipped": skipped})
     return stops

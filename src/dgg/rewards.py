@@ -13,24 +13,13 @@ or inside a function) is scored in the trainer's process instead, with a warning
 
 from __future__ import annotations
 
-import importlib
 import logging
-import os
 import pickle
-import re
-import sys
 
 from dgg.errors import UserError
+from dgg.named import REWARD_SPEC, check_reward_spec, import_named  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-REWARD_SPEC = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-
-
-def check_reward_spec(spec: str) -> None:
-    if not isinstance(spec, str) or not REWARD_SPEC.fullmatch(spec):
-        raise UserError(f"task.reward must look like 'module:function' (got {spec!r}), e.g. my_rewards:exact_match")
-
 
 def load_reward_function(spec: str):
     """The function named by ``module:function``; the working directory is importable, as for ``python -m``."""
@@ -39,20 +28,6 @@ def load_reward_function(spec: str):
     if not callable(function):
         raise UserError(f"task.reward {spec!r}: {spec.split(':')[0]} has no function {spec.split(':')[1]!r}")
     return function
-
-
-def import_named(spec: str, field: str):
-    """The attribute named by ``module:name`` (None if the module lacks it), with the working directory
-    importable; a module that cannot be imported is a UserError naming ``field``."""
-    module_name, name = spec.split(":")
-    if os.getcwd() not in sys.path:  # spawned reward processes inherit sys.path, so they find it too
-        sys.path.insert(0, os.getcwd())
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as err:
-        raise UserError(f"{field} {spec!r}: cannot import {module_name!r} ({err}); put {module_name}.py in "
-                        "the working directory or install it") from None
-    return getattr(module, name, None)
 
 
 class CustomReward:
@@ -124,3 +99,17 @@ def scorable_task(task):
                 "rewards are scored in this process, without the timeout. Define the class in an importable "
                 "module to get the timeout back.", getattr(task, "name", "?"), type(task).__qualname__)
     return InProcessReward(task)
+
+
+def task_for_run(config, tokenizer, task=None):
+    """The task a run trains on: ``task`` as given, or built from ``config.task`` (``prompt_format=auto`` resolved
+    against the tokenizer's chat template and saved resolved in ``config``) with the user's ``task.reward``; in
+    the form a reward process can rebuild (:func:`scorable_task`)."""
+    if task is None:
+        from dgg.tasks import make_task, resolve_prompt_format
+
+        config.task = resolve_prompt_format(config.task, bool(getattr(tokenizer, "chat_template", None)))
+        task = make_task(config.task)
+        if config.task.reward and not getattr(task, "is_environment", False):
+            task = CustomReward(task, config.task.reward)
+    return scorable_task(task)

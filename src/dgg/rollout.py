@@ -270,3 +270,45 @@ def score_old_policy(model, batch: RolloutBatch, temperature: float, micro_batch
                                       batch.prompt_length, temperature) for i in range(0, batch.size, size)]
     batch.old_logprobs = torch.cat(chunks).detach()
     model.train(was_training)
+
+
+def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
+    """Apply the tokenizer's chat template when the task asks for it."""
+    if not chat:
+        return problem
+    text = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+    return Problem(prompt=text, answer=problem.answer, meta=problem.meta)
+
+
+@torch.no_grad()
+def token_entropy(raw_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """(N, R) entropy in nats of the sampling distribution (logits / temperature) at each completion position."""
+    logp = torch.log_softmax(raw_logits / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def mini_batches(batch: RolloutBatch, count: int, seed: tuple) -> list[tuple[list[int] | None, RolloutBatch]]:
+    """(sorted row indices, mini-batch) for each of ``count`` optimizer steps over ``batch``, a random partition
+    drawn from ``seed``; one step is the whole batch (rows None)."""
+    if count == 1:
+        return [(None, batch)]
+    generator = torch.Generator().manual_seed(hash(seed) % (2**63))
+    order = torch.randperm(batch.size, generator=generator)
+    return [(sorted(rows.tolist()), batch.select(rows)) for rows in order.chunk(count)]
+
+
+def batch_metrics(batch: RolloutBatch, group_size: int, reward_errors: int) -> dict[str, float]:
+    """The rollout record's rewards and lengths (docs/metrics.md, "rollout")."""
+    lengths = batch.completion_mask.sum(dim=1)
+    grouped = batch.rewards.view(-1, group_size)
+    return {
+        "reward/mean": float(batch.rewards.mean()),
+        "reward/std": float(batch.rewards.std()) if batch.size > 1 else 0.0,
+        "reward/errors": reward_errors,
+        "reward/zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
+        "rollout/length_mean": float(lengths.float().mean()),
+        "rollout/length_max": int(lengths.max()),
+        "rollout/seconds": batch.generation_seconds,
+        "rollout/scoring_seconds": batch.scoring_seconds,
+    }

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import random
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -165,3 +166,16 @@ def load_run_config(run_dir: str | Path, overrides: list[str] | tuple[str, ...] 
                           f"mid-run: {diff}. Only {', '.join(RESUMABLE_KEYS)} may; start a new run for the rest")
     config.output.dir = str(run_dir)
     return config
+
+
+def rng_states() -> dict:
+    """Every RNG a run draws from (torch, Python, CUDA), as a checkpoint keeps them."""
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def restore_rng_states(saved: dict) -> None:
+    torch.set_rng_state(saved["torch"].cpu())
+    random.setstate(saved["python"])
+    if saved["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(saved["cuda"])

@@ -15,6 +15,7 @@ from typing import Protocol
 
 import torch
 
+from dgg.config import ConfigError
 from dgg.errors import UserError
 from dgg.rollout import RolloutBatch, mask_after_eos, sample_rollouts
 from dgg.tasks import Problem
@@ -136,3 +137,29 @@ def make_sampler(name: str, model, tokenizer, precision: str, model_path: str | 
         return VLLMSampler(model, tokenizer, model_path, gpu_memory_utilization, seed,
                            "bfloat16" if precision == "bf16" else "float32")
     raise UserError(f"rollout.sampler must be one of {', '.join(SAMPLERS)} (got {name!r})")
+
+
+def episode_sampler(config, model, tokenizer, task, chat: bool):
+    """The multi-turn sampler of an environment task (agents/), after checking the run's settings allow it."""
+    from dgg.agents import EpisodeLimits, EpisodeSampler
+
+    if config.rollout.sampler != "hf":
+        raise ConfigError(f"task {task.name} is an environment: its multi-turn episodes need rollout.sampler=hf "
+                          f"(got {config.rollout.sampler!r})")
+    if config.task.reward:
+        raise ConfigError(f"task {task.name} is an environment, which scores its own episodes: task.reward must "
+                          "be null")
+    limits = EpisodeLimits(config.agent.max_turns, config.agent.max_episode_tokens, config.agent.env_timeout_s)
+    return EpisodeSampler(model, tokenizer, task, limits, config.train.precision, chat)
+
+
+def sampler_for_run(config, model, tokenizer, task, chat: bool):
+    """The sampler a run draws its rollouts with: multi-turn episodes for an environment task, else
+    ``rollout.sampler`` (``hf`` or ``vllm``)."""
+    if getattr(task, "is_environment", False):
+        return episode_sampler(config, model, tokenizer, task, chat)
+    from dgg.loading import resolve_model_path
+
+    return make_sampler(config.rollout.sampler, model, tokenizer, config.train.precision,
+                        resolve_model_path(config.model.path) if config.rollout.sampler == "vllm" else None,
+                        config.train.seed, config.rollout.vllm_gpu_memory_utilization)

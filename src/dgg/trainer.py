@@ -3,17 +3,13 @@
 Read :meth:`GRPOTrainer.train`, :meth:`GRPOTrainer.reuse` and :meth:`GRPOTrainer.update` top to bottom:
 they are Algorithm 1's lines 1–12. Everything numeric lives in small modules: ``algos`` (advantages and the
 loss), ``rollout`` (sampling, log-probs), ``reuse_rules`` and ``gate`` (Eq. 8), ``probe`` (g_t), ``profiler``
-(Fig. 1); ``loading`` loads models, ``run_io`` keeps run state, metrics and checkpoints.
-
-Over 450 lines: the update step also feeds the diagnostics the paper's figures need (Theorem 2's live bound,
-the energy split, weight profiles), and they read the same forward; moving them out would mean passing the
-forward's tensors around more than it would simplify.
+(Fig. 1); ``loading`` loads models, ``run_io`` keeps run state, metrics and checkpoints; ``scoring`` rewards a
+batch, ``evaluation`` measures held-out accuracy, ``reuse`` holds the per-attempt decision.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import random
@@ -23,23 +19,33 @@ from pathlib import Path
 
 import torch
 
+from dgg.agents.episodes import episode_statistics
 from dgg.config import (
     Config,
     ConfigError,
     make_objective,
     save_config,
 )
-from dgg.energy_split import EnergySplit
-from dgg.loading import load_policy, resolve_device, resolve_model_path  # noqa: F401 (re-exported)
+from dgg.diagnostics import EnergySplitObserver, MicroBatchForward, Theorem2Observer
+from dgg.evaluation import held_out_accuracy
+from dgg.loading import has_active_dropout, load_policy, resolve_device  # noqa: F401 (re-exported)
 from dgg.loss import ratio_statistics
 from dgg.precision import autocast, bf16_warning, machine_threads, resolve_precision
 from dgg.preemption import STOP, RunStopped, stop_signals
-from dgg.probe import LMHeadGradProbe
+from dgg.probe import LMHeadGradProbe, global_grad_norm
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse.controller import ReuseController, StepVerdict
 from dgg.reuse_rules import AttemptSignals
-from dgg.rewards import CustomReward, scorable_task
-from dgg.rollout import RolloutBatch, completion_logprobs, score_old_policy
+from dgg.rewards import task_for_run
+from dgg.rollout import (
+    RolloutBatch,
+    batch_metrics,
+    completion_logprobs,
+    mini_batches,
+    render_prompt,
+    score_old_policy,
+    token_entropy,
+)
 from dgg.run_io import (  # noqa: F401 (load_run_config and the constants are re-exported)
     CHECKPOINT,
     STATE_FILE,
@@ -49,57 +55,19 @@ from dgg.run_io import (  # noqa: F401 (load_run_config and the constants are re
     load_run_config,
     prepare_fresh_run_dir,
     read_trainer_state,
+    restore_rng_states,
+    rng_states,
     truncate_to,
     write_checkpoint,
 )
 from dgg.run_lock import lock_or_refuse, unlock
-from dgg.samplers import make_sampler
-from dgg.tasks import Problem, make_task, resolve_prompt_format, safe_reward
-from dgg.theory import merge_theorem2_terms, theorem2_metrics, theorem2_terms
+from dgg.samplers import sampler_for_run
+from dgg.scoring import BatchScorer, RewardsFailing  # noqa: F401 (RewardsFailing re-exported)
 
 log = logging.getLogger("dgg.trainer")
 
-def episode_sampler(config: Config, model, tokenizer, task, chat: bool):
-    from dgg.agents import EpisodeLimits, EpisodeSampler
-
-    if config.rollout.sampler != "hf":
-        raise ConfigError(f"task {task.name} is an environment: its multi-turn episodes need rollout.sampler=hf "
-                          f"(got {config.rollout.sampler!r})")
-    if config.task.reward:
-        raise ConfigError(f"task {task.name} is an environment, which scores its own episodes: task.reward must "
-                          "be null")
-    limits = EpisodeLimits(config.agent.max_turns, config.agent.max_episode_tokens, config.agent.env_timeout_s)
-    return EpisodeSampler(model, tokenizer, task, limits, config.train.precision, chat)
-
-
-def episode_statistics(batch: RolloutBatch) -> dict[str, float]:
-    infos = batch.reward_infos
-    policy = sum(i["policy_tokens"] for i in infos)
-    observed = sum(i["observation_tokens"] for i in infos)
-    return {"agent/turns_mean": sum(i["turns"] for i in infos) / len(infos),
-            "agent/truncated": sum(bool(i.get("truncated")) for i in infos),
-            "agent/env_errors": sum(bool(i.get("env_error")) for i in infos),
-            "agent/invalid_episodes": sum(bool(i.get("invalid")) for i in infos),
-            "agent/masked_token_fraction": observed / max(1, policy + observed)}
-
-
-def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
-    """Apply the tokenizer's chat template when the task asks for it."""
-    if not chat:
-        return problem
-    text = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], tokenize=False,
-                                         add_generation_prompt=True)
-    return Problem(prompt=text, answer=problem.answer, meta=problem.meta)
-
-
-# --- the run stops when rewards keep failing ----------------------------------------------------------------
-
 def _finite_or_none(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
-
-
-class RewardsFailing(ConfigError):
-    """Every reward failed for task.max_failed_batches batches in a row: the run stops, the user fixes it."""
 
 
 # --- the trainer ---------------------------------------------------------------------------------------------
@@ -131,12 +99,7 @@ class GRPOTrainer:
             model, tokenizer = load_policy(config.model, weights_from)
         self.model, self.tokenizer = model, tokenizer
         self.device = next(model.parameters()).device
-        if task is None:  # "auto" prompts: the chat template when the tokenizer has one (saved resolved)
-            config.task = resolve_prompt_format(config.task, bool(getattr(tokenizer, "chat_template", None)))
-            task = make_task(config.task)
-            if config.task.reward and not getattr(task, "is_environment", False):
-                task = CustomReward(task, config.task.reward)
-        self.task = scorable_task(task)
+        self.task = task_for_run(config, tokenizer, task)
         self.chat = getattr(config.task, "prompt_format", "bare") == "chat"
         config.train.precision = resolve_precision(config.train.precision, self.device)  # saved resolved
         self.precision = config.train.precision
@@ -144,13 +107,8 @@ class GRPOTrainer:
             log.warning(slow)
         # π_old is the policy before the batch's first update, so that update's own forward yields log π_old
         # for free — unless mini-batches update in between, or dropout makes train and eval forwards differ.
-        self.episodic = bool(getattr(self.task, "is_environment", False))
-        if self.episodic:  # multi-turn: each rollout is an episode, scored by its environment
-            self.sampler = episode_sampler(config, model, tokenizer, self.task, self.chat)
-        else:
-            self.sampler = make_sampler(config.rollout.sampler, model, tokenizer, self.precision,
-                                        resolve_model_path(config.model.path) if config.rollout.sampler == "vllm"
-                                        else None, config.train.seed, config.rollout.vllm_gpu_memory_utilization)
+        self.episodic = bool(getattr(self.task, "is_environment", False))  # each rollout an episode
+        self.sampler = sampler_for_run(config, model, tokenizer, self.task, self.chat)
         self.objective = make_objective(config)
         if config.algo.aggregation == "group-mean-token-mean" and config.reuse.mini_batches > 1:
             raise ConfigError("algo.aggregation=group-mean-token-mean needs whole groups in each update, so "
@@ -181,9 +139,13 @@ class GRPOTrainer:
         # Theorem 2 bounds the paper's policy-gradient loss alone, on the output projection's gradient.
         self.check_theorem2 = config.profile.theorem2 and config.loss.kl_coef == 0 and not tied_total \
             and self.objective.is_papers_surrogate
-        self._lm_head_bias = getattr(head, "bias", None) is not None
-        self._theorem2_parts: list[dict] = []
-        self._theorem2_seconds = 0.0
+        # Diagnostics that read the training forward (dgg.diagnostics); both assume the paper's surrogate.
+        self.observers = []
+        if config.profile.energy_split_every and config.loss.kl_coef == 0 and self.objective.is_papers_surrogate:
+            self.observers.append(EnergySplitObserver(config.profile.energy_split_every, config.rollout.temperature,
+                                                      config.loss.clip_eps, config.loss.clip_eps_high))
+        if self.check_theorem2:
+            self.observers.append(Theorem2Observer(config.rollout.temperature, getattr(head, "bias", None) is not None))
         self._paused_seconds = 0.0  # diagnostic time inside the current tick, kept off the training clock
         self._sampled_ids: list[torch.Tensor] = []
         self._last_checkpoint_time = time.monotonic()
@@ -195,6 +157,7 @@ class GRPOTrainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         metrics_path = self.run_dir / "metrics.jsonl"
         self._reward_errors_path = self.run_dir / "reward_errors.jsonl"
+        self.scorer = BatchScorer(self.task, config.task, self._reward_errors_path, self.run_dir, self.device)
         if resume_from is not None:
             self._load_checkpoint(resume_from / CHECKPOINT, metrics_path)
             if self.state.batch > config.train.max_batches:
@@ -305,54 +268,12 @@ class GRPOTrainer:
         return batch
 
     def _score_rewards(self, batch: RolloutBatch) -> None:
-        if batch.rewards is None:
-            self._score_completions(batch)
-        else:  # episodes come scored by their environment; one that failed scored 0
-            self._log_environment_errors(batch)
+        self.scorer.score(batch, self.state)
         kl_penalty = None
         if batch.reference_logprobs is not None and batch.old_logprobs is not None:
             kl_penalty = self.objective.sequence_kl(batch.old_logprobs, batch.reference_logprobs,
                                                     batch.completion_mask)
         batch.advantages = self.objective.advantages(batch.rewards, self.config.rollout.group_size, kl_penalty)
-
-    def _log_environment_errors(self, batch: RolloutBatch) -> None:
-        errors = [info["env_error"] for info in batch.reward_infos if info.get("env_error")]
-        for problem, info in zip(batch.problems, batch.reward_infos):
-            if info.get("env_error"):
-                self.state.reward_errors += 1
-                log.warning("environment failed (%s) in episode %s", info["env_error"], problem.meta.get("env_seed"))
-                with open(self._reward_errors_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"batch": self.state.batch, "prompt": problem.prompt,
-                                        "episode_seed": problem.meta.get("env_seed"),
-                                        "error": info["env_error"]}) + "\n")
-        self._check_rewards_alive(errors, batch.size)
-
-    def _score_completions(self, batch: RolloutBatch) -> None:
-        rewards, errors = [], []
-        for problem, text in zip(batch.problems, batch.completions):
-            reward, info = safe_reward(self.task, text, problem.answer, self.config.task.reward_timeout_s, problem)
-            if "error" in info:
-                errors.append(info["error"])
-                self.state.reward_errors += 1
-                log.warning("reward failed (%s) on prompt %r, completion %r", info["error"], problem.prompt, text)
-                with open(self._reward_errors_path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"batch": self.state.batch, "prompt": problem.prompt, "completion": text,
-                                        "answer": problem.answer, "error": info["error"]}) + "\n")
-            rewards.append(float(reward))
-            batch.reward_infos.append(info)
-        self._check_rewards_alive(errors, len(rewards))
-        batch.rewards = torch.tensor(rewards, device=self.device)
-
-    def _check_rewards_alive(self, errors: list[str], samples: int) -> None:
-        """A reward that fails on every sample teaches nothing: after task.max_failed_batches such batches in a
-        row, stop before anything is trained on them (the last checkpoint stays as it was)."""
-        self.state.failed_reward_batches = self.state.failed_reward_batches + 1 if len(errors) == samples else 0
-        limit = self.config.task.max_failed_batches
-        if limit and self.state.failed_reward_batches >= limit:
-            raise RewardsFailing(
-                f"every reward failed on {limit} batches in a row (task.max_failed_batches), last error: "
-                f"{errors[-1]}. Nothing was trained on them; {self._reward_errors_path} lists each failure. Fix "
-                f"the reward, then continue with --resume {self.run_dir} (its last checkpoint is kept)")
 
     # Algorithm 1, lines 3–12: for k = 1..K, update unless the gate says stop
     def reuse(self, batch: RolloutBatch, start: tuple[int, int] = (1, 0)) -> int:
@@ -371,17 +292,9 @@ class GRPOTrainer:
         return cfg.passes
 
     def _mini_batches(self, batch: RolloutBatch, reuse_index: int) -> list[tuple[list[int] | None, RolloutBatch]]:
-        """(sorted row indices, mini-batch) per optimizer step of this pass; rows None for the whole batch.
-        ``reuse.mini_batch_order``: ``shuffle`` draws a new partition each pass (verl's shuffle), ``fixed``
-        keeps pass 1's in every pass."""
-        count = self.config.reuse.mini_batches
-        if count == 1:
-            return [(None, batch)]
-        drawn_for = 1 if self.config.reuse.mini_batch_order == "fixed" else reuse_index
-        generator = torch.Generator().manual_seed(hash((self.config.train.seed, self.state.batch, drawn_for))
-                                                  % (2**63))
-        order = torch.randperm(batch.size, generator=generator)
-        return [(sorted(rows.tolist()), batch.select(rows)) for rows in order.chunk(count)]
+        cfg = self.config
+        drawn_for = 1 if cfg.reuse.mini_batch_order == "fixed" else reuse_index  # fixed: pass 1's partition
+        return mini_batches(batch, cfg.reuse.mini_batches, (cfg.train.seed, self.state.batch, drawn_for))
 
     def update(self, batch: RolloutBatch, reuse_index: int) -> bool:
         """One update attempt (lines 4–11). Returns False when the reuse of this batch must end."""
@@ -389,21 +302,24 @@ class GRPOTrainer:
         self.state.attempts += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.probe.reset()
-        self._theorem2_parts, self._theorem2_seconds = [], 0.0
-        loss, diagnostics = self._backward(batch)  # line 4, its statistics handed to the controller
+        observers = [o for o in self.observers if o.begin(self.state.attempts)]
+        loss = self._backward(batch, observers)  # line 4, its statistics handed to the controller
 
         if not math.isfinite(loss):
             self.controller.discard_micro_batches()
-            return self._skip(StepVerdict(False, "non_finite_loss", AttemptSignals(reuse_index)), diagnostics,
-                              loss, started)
+            return self._skip(StepVerdict(False, "non_finite_loss", AttemptSignals(reuse_index)), {}, loss, started)
         gate_started = time.perf_counter()
         energy = float(self.probe.energy())  # line 5: g_t, read before any clipping
-        grad_norm = _global_grad_norm(self.optimizer)
+        grad_norm = global_grad_norm(self.optimizer)
         verdict = self.controller.decide(reuse_index, energy, grad_norm)  # line 6: the rule decides
+        gate_seconds = time.perf_counter() - gate_started  # the whole cost of DGG per update
+        diagnostics = self._observe(observers, "finish", energy)
         if verdict.reason == "non_finite_grad":
             return self._skip(verdict, diagnostics, loss, started)
-        diagnostics["perf/gate_seconds"] = time.perf_counter() - gate_started  # the whole cost of DGG per update
-        diagnostics.update(self._theorem2_check(energy))
+        diagnostics["perf/gate_seconds"] = gate_seconds
+        if "theory/bound_violations" in diagnostics:  # Theorem 2: a violation is counted, never hidden
+            self.state.bound_violations += int(diagnostics.pop("theory/bound_violations"))
+            diagnostics["theory/bound_violations"] = self.state.bound_violations
         if not verdict.apply:  # line 7
             return self._skip(verdict, diagnostics, loss, started)
 
@@ -423,9 +339,9 @@ class GRPOTrainer:
                                                        **{f"weights/{c}": v for c, v in changes.items()}})
         return True
 
-    def _backward(self, batch: RolloutBatch) -> tuple[float, dict[str, float]]:
-        """Loss of Eq. 1 over the batch's T active tokens, back-propagated in micro-batches. Each micro-batch's
-        ratio statistics go to the controller; returned: the loss and the energy split, when it ran."""
+    def _backward(self, batch: RolloutBatch, observers: list) -> float:
+        """Loss of Eq. 1 over the batch's T active tokens, back-propagated in micro-batches; each micro-batch's
+        ratio statistics go to the controller and its forward to the observers. Returns the loss."""
         cfg = self.config
         total_tokens = float(batch.completion_mask.sum().clamp(min=1.0))
         # Aggregation weights come from the whole batch, so micro-batches add up to it exactly.
@@ -435,10 +351,7 @@ class GRPOTrainer:
         total_norm = float(norms.sum())
         size = cfg.train.micro_batch_size or batch.size
         first_pass = batch.old_logprobs is None  # π_θ = π_old here: this forward scores π_old
-        every = cfg.profile.energy_split_every
-        split = EnergySplit() if every and self.state.attempts % every == 0 and cfg.loss.kl_coef == 0 \
-            and self.objective.is_papers_surrogate else None
-        need_logits = self.check_theorem2 or split is not None or self.objective.needs_entropy
+        need_logits = bool(observers) or self.objective.needs_entropy
         old_chunks = []
         loss_sum = 0.0
         for start in range(0, batch.size, size):
@@ -452,17 +365,9 @@ class GRPOTrainer:
             logprobs, logits, hidden = scored if need_logits else (scored, None, None)
             old_logprobs = logprobs.detach() if first_pass else batch.old_logprobs[rows]
             old_chunks.append(old_logprobs)
-            if split is not None:
-                split_started = time.perf_counter()
-                split.add(hidden, logits, batch.input_ids[rows, batch.prompt_length:],
-                          logprobs.detach() - old_logprobs, batch.advantages[rows], mask, total_tokens,
-                          cfg.rollout.temperature, cfg.loss.clip_eps, cfg.loss.clip_eps_high)
-                self._paused_seconds += time.perf_counter() - split_started
-            if self.check_theorem2:
-                theory_started = time.perf_counter()
-                self._theorem2_parts.append(self._theorem2_terms(batch, rows, hidden, logits, logprobs,
-                                                                 old_logprobs))
-                self._theorem2_seconds += time.perf_counter() - theory_started
+            self._observe(observers, "micro_batch", MicroBatchForward(
+                hidden, logits, batch.input_ids[rows, batch.prompt_length:], logprobs.detach() - old_logprobs,
+                batch.advantages[rows], mask, total_tokens))
             entropy = token_entropy(logits, cfg.rollout.temperature) if self.objective.needs_entropy else None
             del logits, hidden
             loss, extras = self.objective.loss_of(
@@ -471,37 +376,23 @@ class GRPOTrainer:
             stats = {**ratio_statistics(logprobs.detach(), old_logprobs, batch.advantages[rows], mask,
                                         cfg.loss.clip_eps, cfg.loss.clip_eps_high), **extras}
             if not torch.isfinite(loss):
-                return math.nan, {}
+                return math.nan
             (loss * share).backward()
             loss_sum += float(loss.detach()) * share
             self.controller.add_micro_batch(stats, float(mask.sum()), bool(batch.advantages[rows].abs().max() > 0))
         if first_pass:
             batch.old_logprobs = torch.cat(old_chunks)
-        diagnostics = {}
-        if split is not None:
-            split_started = time.perf_counter()
-            diagnostics = split.metrics()
-            self._paused_seconds += time.perf_counter() - split_started
-        return loss_sum, diagnostics
+        return loss_sum
 
-    @torch.no_grad()
-    def _theorem2_terms(self, batch: RolloutBatch, rows: slice, hidden: torch.Tensor, logits: torch.Tensor,
-                        logprobs: torch.Tensor, old_logprobs: torch.Tensor):
-        return theorem2_terms(hidden.float(), logits, batch.input_ids[rows, batch.prompt_length:],
-                              batch.advantages[rows], batch.completion_mask[rows], logprobs.detach() - old_logprobs,
-                              self.config.rollout.temperature, lm_head_bias=self._lm_head_bias)
-
-    def _theorem2_check(self, energy: float) -> dict[str, float]:
-        """Theorem 2 on this update: ‖G_lm‖²_F ≤ c_max·mean(r²); a violation is counted, never hidden."""
-        parts, self._theorem2_parts = self._theorem2_parts, []
-        if not parts:
-            return {}
-        started = time.perf_counter()
-        values = theorem2_metrics(merge_theorem2_terms(parts), energy)
-        values["perf/theorem2_seconds"] = self._theorem2_seconds + time.perf_counter() - started
-        self.state.bound_violations += int(values.pop("theory/bound_violations"))
-        values["theory/bound_violations"] = self.state.bound_violations
-        return values
+    def _observe(self, observers: list, method: str, *args) -> dict[str, float]:
+        """Call ``method`` on every observer, keeping the time of off-clock ones off the training clock."""
+        out: dict[str, float] = {}
+        for observer in observers:
+            started = time.perf_counter()
+            out.update(getattr(observer, method)(*args) or {})
+            if observer.off_clock:
+                self._paused_seconds += time.perf_counter() - started
+        return out
 
     def _skip(self, verdict: StepVerdict, diagnostics: dict, loss: float, started: float) -> bool:
         """Drop this update's gradient before the optimizer: AdamW's moments and step count stay untouched."""
@@ -536,17 +427,8 @@ class GRPOTrainer:
 
     def _log_rollout(self, batch: RolloutBatch, reuse_count: int) -> None:
         self._tick()
-        lengths = batch.completion_mask.sum(dim=1)
-        grouped = batch.rewards.view(-1, self.config.rollout.group_size)
         self.metrics.write("rollout", self.state, {
-            "reward/mean": float(batch.rewards.mean()),
-            "reward/std": float(batch.rewards.std()) if batch.size > 1 else 0.0,
-            "reward/errors": self.state.reward_errors,
-            "reward/zero_std_groups": float((grouped.std(dim=1) == 0).float().mean()),
-            "rollout/length_mean": float(lengths.float().mean()),
-            "rollout/length_max": int(lengths.max()),
-            "rollout/seconds": batch.generation_seconds,
-            "rollout/scoring_seconds": batch.scoring_seconds,
+            **batch_metrics(batch, self.config.rollout.group_size, self.state.reward_errors),
             "gate/reuse_count": reuse_count,
             "gate/discards": self.gate.discards_by_reason.get("zscore", 0),
             "reuse/stops": sum(self.rule.stops_by_reason.values()),
@@ -554,30 +436,15 @@ class GRPOTrainer:
             **(episode_statistics(batch) if self.episodic else {}),
         })
 
-    # Held-out accuracy as mean@k (paper: mean@16), on its own RNG so training sampling is unaffected.
-    @torch.no_grad()
     def evaluate(self) -> float | None:
+        """Held-out accuracy (dgg.evaluation), with the training clock stopped."""
         cfg = self.config
         if not cfg.eval.every:
             return None
-        size = self.task.split_size("test")
-        count = cfg.eval.problems if size is None else min(cfg.eval.problems, size)
         self._tick()
-        problems = [render_prompt(self.tokenizer, self.task.problem("test", i), self.chat) for i in range(count)]
         started = time.perf_counter()
-        rewards = []
-        chunk = max(1, 512 // cfg.eval.samples)
-        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-            torch.manual_seed(cfg.train.seed * 1_000_003 + self.state.batch)
-            for i in range(0, count, chunk):
-                batch = self.sampler.sample(problems[i:i + chunk], cfg.eval.samples, cfg.rollout.max_new_tokens,
-                                            cfg.eval.temperature, 1.0)
-                if batch.rewards is not None:  # episodes, scored by their environment
-                    rewards += batch.rewards.tolist()
-                    continue
-                for problem, text in zip(batch.problems, batch.completions):
-                    rewards.append(float(safe_reward(self.task, text, problem.answer, cfg.task.reward_timeout_s, problem)[0]))
-        accuracy = sum(rewards) / len(rewards)
+        accuracy, count = held_out_accuracy(self.sampler, self.task, self.tokenizer, self.chat, cfg,
+                                            cfg.train.seed * 1_000_003 + self.state.batch, self.device)
         self.metrics.write("eval", self.state, {"eval/accuracy": accuracy, "eval/samples": cfg.eval.samples,
                                                 "eval/problems": count,
                                                 "perf/eval_seconds": time.perf_counter() - started})
@@ -607,8 +474,7 @@ class GRPOTrainer:
             **self.controller.state_dict(),  # "reuse_rule" and "watch"
             "profiler": self.profiler.state_dict() if self.profiler else None,
             "sampled_ids": self._sampled_ids,
-            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
-                    "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+            "rng": rng_states(),
             "metrics_offset": self.metrics.offset(),
             "reward_errors_offset": self._reward_errors_path.stat().st_size if self._reward_errors_path.exists()
             else 0,
@@ -629,10 +495,7 @@ class GRPOTrainer:
         if self.profiler and saved["profiler"] is not None:
             self.profiler.load_state_dict(saved["profiler"])
             self._sampled_ids = [ids.cpu() for ids in saved.get("sampled_ids", [])]
-        torch.set_rng_state(saved["rng"]["torch"].cpu())
-        random.setstate(saved["rng"]["python"])
-        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        restore_rng_states(saved["rng"])
         # Lines written after the checkpoint belong to work that is being redone (a torn last line included).
         truncate_to(metrics_path, saved["metrics_offset"])
         truncate_to(self._reward_errors_path, saved.get("reward_errors_offset"))
@@ -641,33 +504,6 @@ class GRPOTrainer:
             self._pending = (RolloutBatch.from_state(pending["batch"]),
                              (int(pending["reuse_index"]), int(pending["mini_batch"])))
             self._last_checkpoint_batch = -1  # that batch's end still needs its own checkpoint
-
-
-DROPOUT_CONFIG_KEYS = ("attention_dropout", "hidden_dropout", "dropout", "attn_pdrop", "resid_pdrop",
-                       "embd_pdrop", "hidden_dropout_prob", "attention_probs_dropout_prob")
-
-
-@torch.no_grad()
-def token_entropy(raw_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """(N, R) entropy in nats of the sampling distribution (logits / temperature) at each completion position."""
-    logp = torch.log_softmax(raw_logits / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
-def has_active_dropout(model) -> bool:
-    """True when a train-mode forward can differ from an eval-mode one (a dropout module or config rate > 0)."""
-    if any(isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()):
-        return True
-    config = getattr(model, "config", None)
-    return any(isinstance(getattr(config, key, 0), (int, float)) and getattr(config, key, 0) > 0
-               for key in DROPOUT_CONFIG_KEYS)
-
-
-def _global_grad_norm(optimizer) -> float:
-    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-    if not grads:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
 
 
 def _progress_bar(total: int, initial: int, enabled: bool):

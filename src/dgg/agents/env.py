@@ -59,7 +59,7 @@ def is_environment_name(name: str) -> bool:
 
 def make_environment(name: str, options: dict) -> Environment:
     if USER_ENVIRONMENT.fullmatch(name):
-        from dgg.rewards import import_named
+        from dgg.named import import_named
 
         factory = import_named(name, "task.name")
         if not callable(factory):

@@ -225,3 +225,15 @@ class EpisodeSampler:
 
     def policy_changed(self) -> None:
         pass
+
+
+def episode_statistics(batch: RolloutBatch) -> dict[str, float]:
+    """The `agent/*` metrics of a batch of episodes (docs/metrics.md)."""
+    infos = batch.reward_infos
+    policy = sum(i["policy_tokens"] for i in infos)
+    observed = sum(i["observation_tokens"] for i in infos)
+    return {"agent/turns_mean": sum(i["turns"] for i in infos) / len(infos),
+            "agent/truncated": sum(bool(i.get("truncated")) for i in infos),
+            "agent/env_errors": sum(bool(i.get("env_error")) for i in infos),
+            "agent/invalid_episodes": sum(bool(i.get("invalid")) for i in infos),
+            "agent/masked_token_fraction": observed / max(1, policy + observed)}

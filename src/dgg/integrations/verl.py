@@ -26,7 +26,8 @@ The rule sees the lm_head energy, the global gradient norm before clipping, whet
 mini-batch is non-zero, and verl's own loss metrics (``actor/ppo_kl``, Spinning Up's k1 estimate, and
 ``actor/pg_clipfrac``) token-weighted over micro-batches and ranks; SB3's k3 KL is not computed by verl, so
 ``kl`` here needs ``DGG_KL_ESTIMATOR=k1``. ``DGG_WATCH_ONLY=1`` applies every step as stock verl and logs what the
-rule would have done.
+rule would have done; ``DGG_UPDATE_LOG=PATH`` (rank 0) appends one JSON line per update in dgg's vocabulary, which
+``dgg replay`` reads exactly (verl's own loggers average each step's updates).
 """
 
 from __future__ import annotations
@@ -137,6 +138,8 @@ class DGGTrainingWorker(TrainingWorker):
             rule_spec or env_spec, settings or env_settings,
             watch_only=watch_only_from_environment() if watch_only is None else watch_only)
         self.dgg_rule = self.dgg_controller.rule
+        self._update_log = os.environ.get(f"{ENV_PREFIX}UPDATE_LOG")  # one JSON line per update, for dgg replay
+        self._batches = 0
         self._tied = tied or env_tied
         self._probe = None
         self._step_in_batch, self._per_epoch, self._stopped = 0, 1, False
@@ -153,6 +156,7 @@ class DGGTrainingWorker(TrainingWorker):
             data.shape[0], tu.get(data, key="mini_batch_size", default=None),
             tu.get(data, key="num_mini_batch", default=None), self.engine.get_data_parallel_size())
         self._step_in_batch, self._stopped = 0, False
+        self._batches += 1
         return super().train_mini_batch(data)
 
     @register(dispatch_mode=make_nd_compute_dataproto_dispatch_fn(mesh_name="train"), blocking=False)
@@ -207,6 +211,9 @@ class DGGTrainingWorker(TrainingWorker):
         verdict = self.dgg_controller.decide(k, float(self._probe.energy()), self._grad_norm())
         self._step_in_batch += 1
         self._last = verdict.numeric_metrics()  # dgg's vocabulary (docs/metrics.md), beside verl's own metrics
+        if self._update_log and (not dist.is_initialized() or dist.get_rank() == 0):
+            with open(self._update_log, "a", encoding="utf-8") as handle:  # per update, where verl averages
+                handle.write(json.dumps({"kind": "update", "batch": self._batches, **verdict.metrics()}) + "\n")
         if verdict.apply:
             return self._verl_optimizer_step()
         self.engine.optimizer.zero_grad(set_to_none=True)

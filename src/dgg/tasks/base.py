@@ -145,7 +145,7 @@ class TaskConfig:
         ):
             raise UserError(f"TaskConfig.reward_timeout_s must be a finite number > 0 (got {timeout!r})")
         if self.reward is not None:
-            from dgg.rewards import check_reward_spec
+            from dgg.named import check_reward_spec
 
             check_reward_spec(self.reward)
         if isinstance(self.max_failed_batches, bool) or not isinstance(self.max_failed_batches, int) \

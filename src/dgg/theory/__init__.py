@@ -76,6 +76,7 @@ from dgg.theory.summary import (
     summarise_pairs,
 )
 from dgg.theory.theorem2 import (
+    LiveTheorem2,
     LMHeadInputCapture,
     capture_lm_head_input,
     merge_theorem2_terms,
@@ -113,6 +114,7 @@ __all__ = [
     "measure_constants",
     "measure_token",
     "merge_theorem2_terms",
+    "LiveTheorem2",
     "parse_layer_spec",
     "per_pair_table",
     "percentiles",

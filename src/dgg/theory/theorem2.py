@@ -3,6 +3,7 @@ forward's own logits and lm_head inputs."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -192,3 +193,37 @@ def theorem2_metrics(terms: dict[str, torch.Tensor], energy: float | torch.Tenso
         "theory/bound_violations": float(energy > bound * (1.0 + rel_tol)),
         "theory/energy_over_bound": energy / bound if bound > 0 else 0.0,
     }
+
+
+class LiveTheorem2:
+    """Theorem 2 checked on every update from its own training forward: the terms of each micro-batch are
+    gathered as the forward runs, and the bound is compared with the probe's energy once the update is read.
+    A violation is counted, never hidden (``theory/bound_violations`` is this update's count: 0 or 1)."""
+
+    def __init__(self, temperature: float, lm_head_bias: bool):
+        self.temperature, self.lm_head_bias = temperature, lm_head_bias
+        self.reset()
+
+    def reset(self) -> None:
+        """A new update attempt."""
+        self._parts: list[dict[str, torch.Tensor]] = []
+        self._seconds = 0.0
+
+    @torch.no_grad()
+    def add(self, hidden: torch.Tensor, logits: torch.Tensor, completion_ids: torch.Tensor,
+            advantages: torch.Tensor, mask: torch.Tensor, log_ratio: torch.Tensor) -> None:
+        """One micro-batch's terms (see :func:`theorem2_terms`)."""
+        started = time.perf_counter()
+        self._parts.append(theorem2_terms(hidden.float(), logits, completion_ids, advantages, mask, log_ratio,
+                                          self.temperature, lm_head_bias=self.lm_head_bias))
+        self._seconds += time.perf_counter() - started
+
+    def check(self, energy: float) -> dict[str, float]:
+        """The update's Theorem 2 metrics (empty when no micro-batch was added) and ``perf/theorem2_seconds``."""
+        parts, self._parts = self._parts, []
+        if not parts:
+            return {}
+        started = time.perf_counter()
+        values = theorem2_metrics(merge_theorem2_terms(parts), energy)
+        values["perf/theorem2_seconds"] = self._seconds + time.perf_counter() - started
+        return values
