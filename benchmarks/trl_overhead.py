@@ -3,8 +3,9 @@
     PYTHONPATH=src python benchmarks/trl_overhead.py [--steps 200] [--num-iterations 4] [--repeats 3]
 
 Runs the same tiny-model GRPO job (the addition task of examples/trl_grpo_dgg.py, CPU) with
-(a) trl.GRPOTrainer, (b) DGGGRPOTrainer with gating on (tau=0.5) and (c) DGGGRPOTrainer with tau=inf (probe
-and gate run, never discard: the pure bookkeeping cost), interleaved ``--repeats`` times, and prints a
+(a) trl.GRPOTrainer, (b) DGGGRPOTrainer with gating on (tau=0.5), (c) DGGGRPOTrainer with tau=inf (probe
+and gate run, never discard: the pure bookkeeping cost) and (d) watch mode with every rule combined (all the
+signals any rule reads, per step, logged; nothing dropped), interleaved ``--repeats`` times, and prints a
 Markdown table of ``train()`` wall-clock (median over repeats) plus the time spent inside the gate itself.
 A discard shortens a batch's reuse and forces an extra generation, so (b) can also differ from (a) for
 that reason; the discard count is shown.
@@ -55,9 +56,9 @@ def run(trainer_class, config_class, model_dir: str, steps: int, num_iterations:
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    gate = getattr(trainer, "dgg_gate", None)
+    rule = getattr(trainer, "dgg_rule", None)  # stops of any rule (none in watch mode, which only logs them)
     return {"seconds": seconds, "gate_seconds": getattr(trainer, "gate_seconds", 0.0),
-            "discards": gate.discards if gate else 0}
+            "discards": sum(rule.stops_by_reason.values()) if rule is not None else 0}
 
 
 def main() -> None:
@@ -74,6 +75,8 @@ def main() -> None:
         "trl.GRPOTrainer": (GRPOTrainer, GRPOConfig, {}),
         "DGGGRPOTrainer, tau=0.5": (TimedDGGGRPOTrainer, DGGGRPOConfig, {"dgg_tau": 0.5}),
         "DGGGRPOTrainer, tau=inf": (TimedDGGGRPOTrainer, DGGGRPOConfig, {"dgg_tau": math.inf}),
+        "DGGGRPOTrainer, watch mode, every rule": (TimedDGGGRPOTrainer, DGGGRPOConfig, {
+            "dgg_watch_only": True, "dgg_rule": "dgg+kl+clip+m2+nosignal+gradnorm"}),
     }
     results = {name: [] for name in variants}
     for _ in range(args.repeats):

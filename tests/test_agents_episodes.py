@@ -7,9 +7,9 @@ import torch
 from dgg.agents import EpisodeLimits, StepResult, register_environment, run_episodes
 from dgg.agents.env import EnvironmentTask
 from dgg.agents.episodes import TurnFormat
-from dgg.loss import clipped_surrogate_loss
 from dgg.rollout import completion_logits
 from dgg.trainer import GRPOTrainer, load_policy, load_run_config, render_prompt
+from objective_helpers import papers_loss
 
 
 @register_environment("test_count")
@@ -73,7 +73,7 @@ def test_no_gradient_flows_from_observation_tokens(policy):
     logits.retain_grad()
     logprobs = torch.log_softmax(logits.float(), -1).gather(-1, batch.input_ids[:, batch.prompt_length:, None])[..., 0]
     advantages = torch.tensor([1.0, -1.0, 0.5, -0.5])
-    loss, _ = clipped_surrogate_loss(logprobs, logprobs.detach() - 0.1, advantages, batch.completion_mask)
+    loss, _ = papers_loss(logprobs, logprobs.detach() - 0.1, advantages, batch.completion_mask)
     loss.backward()
     per_position = logits.grad.abs().sum(-1)
     assert per_position[batch.completion_mask == 0].max() == 0

@@ -21,7 +21,7 @@ from dgg.algos import (
 from dgg.algos.aggregation import micro_loss
 from dgg.config import ConfigError, load_config, make_objective
 from dgg.errors import UserError
-from dgg.loss import clipped_surrogate_loss, reference_kl
+from dgg.reuse.statistics import masked_mean
 
 
 def test_advantages_by_hand():
@@ -143,7 +143,7 @@ def test_the_m2po_mask_takes_its_tokens_out_of_the_loss_but_not_out_of_the_norma
         load_config(None, ["algo.m2_threshold=0"])
 
 
-def test_the_default_objective_is_the_papers_loss_bit_for_bit():
+def test_the_default_objective_is_the_papers_loss():
     generator = torch.Generator().manual_seed(1)
     logprobs = torch.randn(6, 4, generator=generator).requires_grad_()
     old, ref = torch.randn(6, 4, generator=generator), torch.randn(6, 4, generator=generator)
@@ -151,9 +151,13 @@ def test_the_default_objective_is_the_papers_loss_bit_for_bit():
     objective = Objective(kl_coef=0.1)
     w, z = objective.token_weights(mask, 2, 4)
     loss, extras = objective.loss_of(logprobs, old, advantages, mask, w, z, ref)
-    legacy, _ = clipped_surrogate_loss(logprobs, old, advantages, mask)
-    legacy_kl = reference_kl(logprobs, ref, mask)
-    assert torch.equal(loss, legacy + 0.1 * legacy_kl) and torch.equal(extras["ref_kl"], legacy_kl.detach())
+    # Eq. 1 written out: −mean over active tokens of min(r·Â, clip(r)·Â), plus 0.1 × the k3 KL to the reference.
+    ratio = torch.exp(logprobs - old)
+    surrogate = torch.minimum(ratio * advantages[:, None], torch.clamp(ratio, 0.8, 1.2) * advantages[:, None])
+    log_ref = ref - logprobs
+    kl = masked_mean(torch.exp(log_ref) - log_ref - 1.0, mask)
+    torch.testing.assert_close(loss, -masked_mean(surrogate, mask) + 0.1 * kl, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(extras["ref_kl"], kl.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_unknown_names_list_the_valid_ones():
@@ -163,7 +167,23 @@ def test_unknown_names_list_the_valid_ones():
         load_config(None, ["algo.aggregation=mean"])
     with pytest.raises(ConfigError, match="algo.kl_in"):
         load_config(None, ["algo.kl_in=value"])
-    assert make_objective(load_config(None, ["loss.scale_advantages=false"])).advantage == "drgrpo"
+    assert make_objective(load_config(None, ["algo.advantage=drgrpo"])).advantage == "drgrpo"
+
+
+def test_the_old_loss_section_is_accepted_under_its_new_names_with_a_warning(tmp_path):
+    with pytest.warns(FutureWarning, match="loss.kl_coef is now algo.kl_coef"):
+        config = load_config(None, ["loss.kl_coef=0.1", "loss.clip_eps=0.3"])
+    assert (config.algo.kl_coef, config.algo.clip_eps) == (0.1, 0.3)
+    with pytest.warns(FutureWarning, match="algo.advantage=drgrpo"):
+        assert make_objective(load_config(None, ["loss.scale_advantages=false"])).advantage == "drgrpo"
+    old_run = tmp_path / "config.yaml"  # what a run saved before the rename: it still loads and resumes
+    old_run.write_text("loss:\n  clip_eps: 0.25\n  scale_advantages: true\n")
+    with pytest.warns(FutureWarning):
+        assert load_config(old_run).algo.clip_eps == 0.25
+    with pytest.raises(ConfigError, match="loss.kl_coef=0.1 and algo.kl_coef=0.2 disagree"):
+        load_config(None, ["loss.kl_coef=0.1", "algo.kl_coef=0.2"])
+    with pytest.raises(ConfigError, match="unknown config key loss.beta"):
+        load_config(None, ["loss.beta=0.1"])
 
 
 def test_every_combination_gives_a_finite_loss_and_gradient():

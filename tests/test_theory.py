@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from dgg.cli import main
-from dgg.loss import clipped_surrogate_loss
 from dgg.rollout import completion_logprobs
 from dgg.theory import (
     ConstantsConfig,
@@ -31,6 +30,7 @@ from dgg.theory import (
     theorem2_terms,
 )
 from dgg.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
+from objective_helpers import papers_loss
 
 SMALL = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                         num_key_value_heads=2)
@@ -353,7 +353,7 @@ def lm_head_energy_and_terms(policy, batch, temperature, clip_eps, clip_eps_high
         logprobs, logits, hidden = completion_logprobs(policy, input_ids[rows], attention_mask[rows],
                                                        PROMPT_LENGTH, temperature, return_logits=True)
         old_logprobs = logprobs.detach() - log_ratio[rows]
-        loss, stats = clipped_surrogate_loss(logprobs, old_logprobs, advantages[rows], completion_mask[rows],
+        loss, stats = papers_loss(logprobs, old_logprobs, advantages[rows], completion_mask[rows],
                                              clip_eps, clip_eps_high)
         (loss * float(completion_mask[rows].sum()) / total_tokens).backward()
         clip_ratios.append(float(stats["clip_ratio"]))

@@ -400,8 +400,8 @@ ALGO_CHOICES = [*(f"algo.advantage={n}" for n in ("drgrpo", "rloo")), *(f"algo.l
                 *(f"algo.token_credit={n}" for n in ("stapo", "eapo")), "algo.token_mask=m2po"]
 
 
-@pytest.mark.parametrize("choice", [*ALGO_CHOICES, "loss.kl_coef=0.1 algo.kl_estimator=k1",
-                                    "loss.kl_coef=0.1 algo.kl_in=reward algo.kl_estimator=k2"])
+@pytest.mark.parametrize("choice", [*ALGO_CHOICES, "algo.kl_coef=0.1 algo.kl_estimator=k1",
+                                    "algo.kl_coef=0.1 algo.kl_in=reward algo.kl_estimator=k2"])
 def test_dgg_trains_with_every_registered_objective(tiny_model_dir, tmp_path, choice):
     trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=dgg", "reuse.max_reuse=2", "train.max_batches=2",
                            "eval.every=0", "train.micro_batch_size=5", *choice.split())

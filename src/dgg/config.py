@@ -13,6 +13,7 @@ import dataclasses
 import math
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ import yaml
 from dgg.errors import UserError
 from dgg.gate import check_gate_settings
 from dgg.precision import PRECISIONS
-from dgg.reuse_rules import KL_ESTIMATORS, RuleSettings, parse_rule_names
+from dgg.reuse_rules import KL_STOP_SIGNALS, RuleSettings, parse_rule_names
 from dgg.tasks import TaskConfig
 
 REUSE_MODES = ("single", "fixed", "dgg")
@@ -89,37 +90,25 @@ class RolloutConfig:
 
 
 @dataclass
-class LossConfig:
-    clip_eps: float = 0.2
-    """ε_c of Eq. 1: the ratio is clipped to [1 − clip_eps, 1 + clip_eps_high]."""
-    clip_eps_high: float | None = None
-    """Upper clip (DAPO's clip-higher); None uses clip_eps."""
-    scale_advantages: bool = True
-    """Divide advantages by the group's std (GRPO); False centres only, the same as algo.advantage=drgrpo."""
-    kl_coef: float = 0.0
-    """Weight of the k3 KL to the initial (reference) model; 0 as in the paper's math runs."""
-
-    def __post_init__(self):
-        _check(0 < self.clip_eps < 1, "loss.clip_eps", "in (0, 1)", self.clip_eps)
-        _check(self.clip_eps_high is None or self.clip_eps_high > 0, "loss.clip_eps_high", "> 0 or null",
-               self.clip_eps_high)
-        _check(self.kl_coef >= 0, "loss.kl_coef", ">= 0", self.kl_coef)
-
-
-@dataclass
 class AlgoConfig:
     """The objective, by registered name (``dgg.algos``); DGG gates whichever is chosen."""
 
     advantage: str = "grpo"
     """Advantage estimator: grpo (the paper's Eq. 1), drgrpo (mean-centred only), rloo (leave-one-out)."""
     loss: str = "ppo_clip"
-    """Policy loss: ppo_clip (Eq. 1; with loss.clip_eps_high it is DAPO's clip-higher), gspo (sequence-level
+    """Policy loss: ppo_clip (Eq. 1; with algo.clip_eps_high it is DAPO's clip-higher), gspo (sequence-level
     ratio), cispo (clipped, stop-gradient importance weight)."""
+    clip_eps: float = 0.2
+    """ε_c of Eq. 1: the ratio is clipped to [1 − clip_eps, 1 + clip_eps_high]."""
+    clip_eps_high: float | None = None
+    """Upper clip (DAPO's clip-higher); None uses clip_eps."""
+    kl_coef: float = 0.0
+    """Weight of the KL to the initial (reference) model; 0 as in the paper's math runs."""
     aggregation: str = "token-mean"
     """token-mean (the paper's 1/T; DAPO), seq-mean-token-mean (original GRPO; GSPO), group-mean-token-mean,
     seq-mean-token-sum-norm (Dr. GRPO: token sums over rollout.max_new_tokens)."""
     kl_estimator: str = "k3"
-    """Estimator of KL(π_θ‖π_ref) used when loss.kl_coef > 0: k1, k2 or k3."""
+    """Estimator of KL(π_θ‖π_ref) used when algo.kl_coef > 0: k1, k2 or k3."""
     kl_in: str = "loss"
     """Where the KL to the reference goes: ``loss`` (a penalty term, GRPO) or ``reward`` (subtracted from each
     completion's reward before advantages, PPO-RLHF style; its estimate uses π_old)."""
@@ -162,6 +151,10 @@ class AlgoConfig:
         for name in ("seq_clip_eps", "seq_clip_eps_high", "stapo_max_prob", "stapo_max_entropy", "m2_threshold"):
             _check(getattr(self, name) > 0, f"algo.{name}", "> 0", getattr(self, name))
         _check(0 <= self.eapo_alpha <= 1, "algo.eapo_alpha", "in [0, 1]", self.eapo_alpha)
+        _check(0 < self.clip_eps < 1, "algo.clip_eps", "in (0, 1)", self.clip_eps)
+        _check(self.clip_eps_high is None or self.clip_eps_high > 0, "algo.clip_eps_high", "> 0 or null",
+               self.clip_eps_high)
+        _check(self.kl_coef >= 0, "algo.kl_coef", ">= 0", self.kl_coef)
 
 
 @dataclass
@@ -246,7 +239,7 @@ class ReuseConfig:
             except ValueError as err:
                 raise ConfigError(f"reuse.rule: {err}") from None
         _check(self.target_kl > 0, "reuse.target_kl", "> 0", self.target_kl)
-        _check(self.kl_estimator in KL_ESTIMATORS, "reuse.kl_estimator", f"one of {KL_ESTIMATORS}",
+        _check(self.kl_estimator in KL_STOP_SIGNALS, "reuse.kl_estimator", f"one of {tuple(KL_STOP_SIGNALS)}",
                self.kl_estimator)
         _check(self.target_clip > 0, "reuse.target_clip", "> 0", self.target_clip)
         _check(self.target_m2 > 0, "reuse.target_m2", "> 0", self.target_m2)
@@ -347,7 +340,7 @@ class ProfileConfig:
     """Keep the one weight snapshot the profiler needs in CPU memory rather than on the accelerator."""
     theorem2: bool = True
     """Check Theorem 2 live: log theory/c_max, theory/r2_mean, theory/bound_slack per update (costs a softmax
-    over the training forward's logits). Skipped when loss.kl_coef > 0 or the probe reads a tied total."""
+    over the training forward's logits). Skipped when algo.kl_coef > 0 or the probe reads a tied total."""
     energy_split_every: int = 0
     """Every N update attempts, log the lm_head energy of the negative- and positive-advantage tokens'
     gradient apart (energy/neg, energy/pos, energy/neg_share; dgg.energy_split): the paper's mechanism, measured
@@ -386,7 +379,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
     algo: AlgoConfig = field(default_factory=AlgoConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     reuse: ReuseConfig = field(default_factory=ReuseConfig)
@@ -549,7 +541,41 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"config file {path} must hold a mapping of sections (model, task, reuse, ...)")
     for assignment in overrides:
         apply_override(data, assignment)
-    return from_dict(Config, data)
+    return from_dict(Config, migrate_legacy_keys(data))
+
+
+# Keys of earlier releases, still accepted with a warning that names the key to write instead.
+LEGACY_LOSS_KEYS = {"clip_eps": "algo.clip_eps", "clip_eps_high": "algo.clip_eps_high", "kl_coef": "algo.kl_coef",
+                    "scale_advantages": "algo.advantage"}
+
+
+def migrate_legacy_keys(data: dict) -> dict:
+    """``loss.*`` (releases before 2026-12-07) folded into ``algo.*``; ``loss.scale_advantages=false`` is
+    ``algo.advantage=drgrpo``. A key set both ways, differently, is an error."""
+    legacy = data.get("loss")
+    if legacy is None:
+        return data
+    if not isinstance(legacy, dict):
+        raise ConfigError("loss must be a section; its keys are now under algo (algo.clip_eps, algo.kl_coef, ...)")
+    data = {**data, "algo": dict(data.get("algo") or {})}
+    del data["loss"]
+    for key, value in legacy.items():
+        if key not in LEGACY_LOSS_KEYS:
+            raise ConfigError(f"unknown config key loss.{key}; the loss section is now algo "
+                              f"({', '.join(LEGACY_LOSS_KEYS.values())})")
+        new_key, new_value = LEGACY_LOSS_KEYS[key].split(".")[1], value
+        if key == "scale_advantages":
+            if value in (True, None):
+                continue
+            new_value = "drgrpo"
+        if new_key in data["algo"] and data["algo"][new_key] != new_value:
+            raise ConfigError(f"loss.{key}={value!r} and {LEGACY_LOSS_KEYS[key]}={data['algo'][new_key]!r} "
+                              f"disagree; loss.{key} is the old name of {LEGACY_LOSS_KEYS[key]}: keep that one")
+        data["algo"][new_key] = new_value
+        warnings.warn(f"config key loss.{key} is now {LEGACY_LOSS_KEYS[key]}"
+                      + (" (loss.scale_advantages=false means algo.advantage=drgrpo)" if key == "scale_advantages"
+                         else "") + "; accepted, but write the new key", FutureWarning, stacklevel=3)
+    return data
 
 
 def save_config(config: Config, path: str | Path) -> None:
@@ -557,14 +583,13 @@ def save_config(config: Config, path: str | Path) -> None:
 
 
 def make_objective(config: Config):
-    """The :class:`dgg.algos.Objective` that ``config.algo`` and ``config.loss`` name."""
+    """The :class:`dgg.algos.Objective` that ``config.algo`` names."""
     from dgg.algos import ClipSettings, CreditSettings, Objective
 
-    algo, loss = config.algo, config.loss
-    advantage = "drgrpo" if algo.advantage == "grpo" and not loss.scale_advantages else algo.advantage
+    algo = config.algo
     return Objective(
-        advantage=advantage, loss=algo.loss, aggregation=algo.aggregation, kl_estimator=algo.kl_estimator,
+        advantage=algo.advantage, loss=algo.loss, aggregation=algo.aggregation, kl_estimator=algo.kl_estimator,
         kl_in=algo.kl_in, token_credit=algo.token_credit, token_mask=algo.token_mask,
-        m2_threshold=algo.m2_threshold, kl_coef=loss.kl_coef,
-        clip=ClipSettings(loss.clip_eps, loss.clip_eps_high, algo.seq_clip_eps, algo.seq_clip_eps_high),
+        m2_threshold=algo.m2_threshold, kl_coef=algo.kl_coef,
+        clip=ClipSettings(algo.clip_eps, algo.clip_eps_high, algo.seq_clip_eps, algo.seq_clip_eps_high),
         credit=CreditSettings(algo.stapo_max_prob, algo.stapo_max_entropy, algo.eapo_alpha))

@@ -42,7 +42,9 @@ from typing import Any, Protocol
 from dgg.gate import GradientGate
 
 SB3_KL_FACTOR = 1.5  # SB3 and Spinning Up stop when the estimate exceeds 1.5 × target_kl
-KL_ESTIMATORS = ("k3", "k1")
+# The kl rule reads a statistic each update logs; each is an estimator of dgg.algos.kl (the one registry of KL
+# estimators) applied to KL(π_old ‖ π_θ): k3 is SB3's approx_kl, k1 is Spinning Up's −mean(log r).
+KL_STOP_SIGNALS = {"k3": "approx_kl", "k1": "log_ratio_mean"}
 
 
 @dataclass(frozen=True)
@@ -172,17 +174,15 @@ class KLStop(_Stateless):
     def __init__(self, target_kl: float = 0.02, estimator: str = "k3"):
         if not (isinstance(target_kl, (int, float)) and target_kl > 0):
             raise ValueError(f"target_kl must be a number > 0 (got {target_kl!r})")
-        if estimator not in KL_ESTIMATORS:
-            raise ValueError(f"kl_estimator must be one of {KL_ESTIMATORS} (got {estimator!r})")
+        if estimator not in KL_STOP_SIGNALS:
+            raise ValueError(f"kl_estimator must be one of {tuple(KL_STOP_SIGNALS)} (got {estimator!r})")
         self.target_kl, self.estimator = float(target_kl), estimator
 
     def decide(self, signals: AttemptSignals) -> Verdict:
         if signals.reuse_index == 1:
             return ACCEPT
-        if self.estimator == "k3":
-            kl = _need(signals, "approx_kl", self.name)
-        else:
-            kl = -_need(signals, "log_ratio_mean", self.name)
+        kl = _need(signals, KL_STOP_SIGNALS[self.estimator], self.name)
+        kl = -kl if self.estimator == "k1" else kl  # −mean(log r) = mean(log π_old − log π_θ)
         stop = kl > SB3_KL_FACTOR * self.target_kl
         return Verdict(not stop, "kl" if stop else None, {"kl/estimate": kl})
 

@@ -29,12 +29,12 @@ from dgg.config import (
 from dgg.diagnostics import EnergySplitObserver, MicroBatchForward, Theorem2Observer
 from dgg.evaluation import held_out_accuracy
 from dgg.loading import has_active_dropout, load_policy, resolve_device  # noqa: F401 (re-exported)
-from dgg.loss import ratio_statistics
 from dgg.precision import autocast, bf16_warning, machine_threads, resolve_precision
 from dgg.preemption import STOP, RunStopped, stop_signals
 from dgg.probe import LMHeadGradProbe, global_grad_norm
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse.controller import ReuseController, StepVerdict
+from dgg.reuse.statistics import ratio_statistics
 from dgg.reuse_rules import AttemptSignals
 from dgg.rewards import task_for_run
 from dgg.rollout import (
@@ -114,7 +114,7 @@ class GRPOTrainer:
             raise ConfigError("algo.aggregation=group-mean-token-mean needs whole groups in each update, so "
                               "reuse.mini_batches must be 1")
         # The KL penalty in the reward is computed from π_old before the first update, so π_old is scored first.
-        kl_in_reward = config.loss.kl_coef > 0 and config.algo.kl_in == "reward"
+        kl_in_reward = config.algo.kl_coef > 0 and config.algo.kl_in == "reward"
         self.old_from_first_update = config.reuse.mini_batches == 1 and not has_active_dropout(model) \
             and not kl_in_reward
 
@@ -122,7 +122,7 @@ class GRPOTrainer:
         self.optimizer = torch.optim.AdamW(params, lr=config.optim.lr, betas=config.optim.betas,
                                            weight_decay=config.optim.weight_decay)
         self.reference = None
-        if config.loss.kl_coef > 0:
+        if config.algo.kl_coef > 0:
             self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
         # The reuse decision, the same object TRL and verl call (dgg.reuse): the paper's gate by default in dgg
@@ -137,13 +137,13 @@ class GRPOTrainer:
         head = model.get_output_embeddings()
         tied_total = config.reuse.tied == "total" and head.weight is model.get_input_embeddings().weight
         # Theorem 2 bounds the paper's policy-gradient loss alone, on the output projection's gradient.
-        self.check_theorem2 = config.profile.theorem2 and config.loss.kl_coef == 0 and not tied_total \
+        self.check_theorem2 = config.profile.theorem2 and config.algo.kl_coef == 0 and not tied_total \
             and self.objective.is_papers_surrogate
         # Diagnostics that read the training forward (dgg.diagnostics); both assume the paper's surrogate.
         self.observers = []
-        if config.profile.energy_split_every and config.loss.kl_coef == 0 and self.objective.is_papers_surrogate:
+        if config.profile.energy_split_every and config.algo.kl_coef == 0 and self.objective.is_papers_surrogate:
             self.observers.append(EnergySplitObserver(config.profile.energy_split_every, config.rollout.temperature,
-                                                      config.loss.clip_eps, config.loss.clip_eps_high))
+                                                      config.algo.clip_eps, config.algo.clip_eps_high))
         if self.check_theorem2:
             self.observers.append(Theorem2Observer(config.rollout.temperature, getattr(head, "bias", None) is not None))
         self._paused_seconds = 0.0  # diagnostic time inside the current tick, kept off the training clock
@@ -374,7 +374,7 @@ class GRPOTrainer:
                 logprobs, old_logprobs, batch.advantages[rows], mask, weights[rows], norms[rows],
                 batch.reference_logprobs[rows] if self.reference is not None else None, entropy)
             stats = {**ratio_statistics(logprobs.detach(), old_logprobs, batch.advantages[rows], mask,
-                                        cfg.loss.clip_eps, cfg.loss.clip_eps_high), **extras}
+                                        cfg.algo.clip_eps, cfg.algo.clip_eps_high), **extras}
             if not torch.isfinite(loss):
                 return math.nan
             (loss * share).backward()

@@ -7,9 +7,25 @@ from __future__ import annotations
 import torch
 
 from dgg.algos.registry import Registry
-from dgg.loss import group_advantages
 
 ADVANTAGES = Registry("advantage estimator", "algo.advantage")
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool = True,
+                     eps: float = 1e-6) -> torch.Tensor:
+    """Group-normalised advantages Â of Eq. 1: (r − mean_group) / (std_group + eps).
+
+    ``rewards`` is (N,) with the G completions of a prompt adjacent. ``scale_by_std=False`` gives the
+    Dr. GRPO variant (mean-centred only). A group whose rewards are all equal gets zero advantage.
+    """
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(f"rewards must be 1-D with a multiple of group_size={group_size} entries "
+                         f"(got shape {tuple(rewards.shape)})")
+    grouped = rewards.float().view(-1, group_size)  # (P, G)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (grouped.std(dim=1, keepdim=True, unbiased=True) + eps) if group_size > 1 else centred
+    return centred.view(-1)
 
 
 @ADVANTAGES.register("grpo")

@@ -39,10 +39,10 @@ from accelerate.utils import DistributedType, broadcast
 from transformers import TrainerCallback
 
 from dgg.gate import GradientGate, check_gate_settings
-from dgg.loss import ratio_statistics
 from dgg.preemption import STOP, RunStopped, StopFlag, stop_signals
 from dgg.reuse.controller import STATE_FILE, ReuseController, StepVerdict, torch_distributed
-from dgg.reuse_rules import KL_ESTIMATORS, AttemptSignals, RuleSettings, make_rule, parse_rule_names
+from dgg.reuse.statistics import ratio_statistics
+from dgg.reuse_rules import KL_STOP_SIGNALS, AttemptSignals, RuleSettings, make_rule, parse_rule_names
 
 GATE_STATE_FILE = "dgg_gate_state.json"  # what checkpoints written before the controller hold; still read
 
@@ -162,8 +162,8 @@ class DGGGRPOConfig(GRPOConfig):
         check_gate_settings(self.dgg_tau, self.dgg_window, self.dgg_history, prefix="dgg_")
         _validate_tied(self.dgg_tied)
         parse_rule_names(self.dgg_rule)  # raises, listing the valid names
-        if self.dgg_kl_estimator not in KL_ESTIMATORS:
-            raise ValueError(f"dgg_kl_estimator must be one of {KL_ESTIMATORS} (got {self.dgg_kl_estimator!r})")
+        if self.dgg_kl_estimator not in KL_STOP_SIGNALS:
+            raise ValueError(f"dgg_kl_estimator must be one of {tuple(KL_STOP_SIGNALS)} (got {self.dgg_kl_estimator!r})")
         self.rule_settings()  # validates the thresholds through the rules' own checks
         make_rule(self.dgg_rule, self.rule_settings())
         if self.dgg_enabled and self.steps_per_generation % self.gradient_accumulation_steps != 0:
