@@ -106,6 +106,7 @@ def task_for_run(config, tokenizer, task=None):
     against the tokenizer's chat template and saved resolved in ``config``) with the user's ``task.reward``; in
     the form a reward process can rebuild (:func:`scorable_task`)."""
     if task is None:
+        import dgg.agents  # noqa: F401  (registers the environments as a task family)
         from dgg.tasks import make_task, resolve_prompt_format
 
         config.task = resolve_prompt_format(config.task, bool(getattr(tokenizer, "chat_template", None)))

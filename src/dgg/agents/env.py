@@ -8,6 +8,7 @@ GRPO compares like with like.
 
 from __future__ import annotations
 
+import importlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Protocol, runtime_checkable
 
 from dgg.errors import UserError
 from dgg.tasks.base import Problem, check_index, check_split, derive_seed
+from dgg.tasks.registry import TaskFamily, register_task_family
 
 
 @dataclass
@@ -46,10 +48,13 @@ def register_environment(name: str):
     return add
 
 
-def environment_names() -> list[str]:
-    from dgg.agents import alfworld, search_qa, webshop  # noqa: F401  (registers the bundled environments)
+# The bundled environments by name, each registered when its module is imported (on first use: this module
+# imports none of them).
+BUNDLED = {"alfworld": "dgg.agents.alfworld", "search_qa": "dgg.agents.search_qa", "webshop": "dgg.agents.webshop"}
 
-    return sorted(ENVIRONMENTS)
+
+def environment_names() -> list[str]:
+    return sorted({*ENVIRONMENTS, *BUNDLED})
 
 
 def is_environment_name(name: str) -> bool:
@@ -66,6 +71,8 @@ def make_environment(name: str, options: dict) -> Environment:
             raise UserError(f"task.name {name!r}: {name.split(':')[0]} has no environment class "
                             f"{name.split(':')[1]!r}")
     elif name in environment_names():
+        if name not in ENVIRONMENTS:
+            importlib.import_module(BUNDLED[name])  # registers it
         factory = ENVIRONMENTS[name]
     else:
         raise UserError(f"unknown environment {name!r}; valid names are: {', '.join(environment_names())}, "
@@ -107,3 +114,13 @@ class EnvironmentTask:
     def reward(self, completion: str, answer: str) -> tuple[float, dict]:
         raise UserError(f"{self.name} is an environment: its reward comes from playing the episode, so it is scored "
                         "by dgg.agents.episodes.run_episodes, not by a completion's text")
+
+
+def _environment_task(config) -> EnvironmentTask:
+    return EnvironmentTask(config.name, config.options, config.seed, config.test_size,
+                           chat=config.prompt_format == "chat")
+
+
+# Environments are tasks: make_task builds them once this module is imported (dgg.tasks imports no family).
+register_task_family(TaskFamily("environments", lambda: [*environment_names(), "or module:Class for your own"],
+                                is_environment_name, _environment_task, prompt_format="instruct"))

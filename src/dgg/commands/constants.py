@@ -92,6 +92,7 @@ def read_prompts(path: str) -> list[str]:
 
 
 def task_prompts(name: str, count: int) -> list[str]:
+    import dgg.agents  # noqa: F401  (registers the environments as a task family)
     from dgg.tasks import TaskConfig, make_task
 
     task = make_task(TaskConfig(name=name))
