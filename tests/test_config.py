@@ -31,8 +31,16 @@ def test_every_config_field_has_a_docstring():
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in BUNDLED_CONFIGS.glob("*.yaml") if p.stem != "warmstart"))
-def test_every_bundled_config_loads(name):
-    assert isinstance(load_config(name), Config)
+def test_every_bundled_config_loads_every_value_it_sets(name):
+    import yaml
+
+    from dgg.config import flatten, to_dict
+
+    written = flatten(yaml.safe_load((BUNDLED_CONFIGS / f"{name}.yaml").read_text()))
+    loaded = flatten(to_dict(load_config(name)))
+    assert written and all(loaded[key] == value for key, value in written.items() if key in loaded), \
+        {key: (value, loaded.get(key)) for key, value in written.items() if loaded.get(key) != value}
+    assert set(written) - set(loaded) <= {k for k in written if k.startswith("task.options.")}  # options: free-form
 
 
 def test_overrides_parse_types_and_round_trip_through_yaml(tmp_path):

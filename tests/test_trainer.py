@@ -397,16 +397,22 @@ def test_the_weight_profile_reports_the_sampled_lm_head_rows(tiny_model_dir, tmp
 ALGO_CHOICES = [*(f"algo.advantage={n}" for n in ("drgrpo", "rloo")), *(f"algo.loss={n}" for n in ("gspo", "cispo")),
                 *(f"algo.aggregation={n}" for n in ("seq-mean-token-mean", "group-mean-token-mean",
                                                     "seq-mean-token-sum-norm")),
-                *(f"algo.token_credit={n}" for n in ("stapo", "eapo")), "algo.token_mask=m2po"]
+                # thresholds that make the modifier act on this tiny run, so that ignoring it would show
+                "algo.token_credit=stapo algo.stapo_max_prob=0.5 algo.stapo_max_entropy=10",
+                "algo.token_credit=eapo", "algo.token_mask=m2po algo.m2_threshold=1e-9"]
 
 
 @pytest.mark.parametrize("choice", [*ALGO_CHOICES, "algo.kl_coef=0.1 algo.kl_estimator=k1",
                                     "algo.kl_coef=0.1 algo.kl_in=reward algo.kl_estimator=k2"])
 def test_dgg_trains_with_every_registered_objective(tiny_model_dir, tmp_path, choice):
-    trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=dgg", "reuse.max_reuse=2", "train.max_batches=2",
-                           "eval.every=0", "train.micro_batch_size=5", *choice.split())
+    common = ("reuse.mode=dgg", "reuse.max_reuse=2", "train.max_batches=2", "eval.every=0", "train.micro_batch_size=5")
+    default = make_trainer(tiny_model_dir, tmp_path / "default", *common)
+    default.train()
+    trainer = make_trainer(tiny_model_dir, tmp_path / "choice", *common, *choice.split())
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
     trainer.train()
+    # The choice changed training: the weights differ from the default objective's on the same seed and data.
+    assert any(not torch.equal(p, q) for p, q in zip(trainer.model.parameters(), default.model.parameters())), choice
     updates = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "update"]
     assert updates and all(math.isfinite(r["actor/pg_loss"]) for r in updates)
     assert any(r["actor/applied"] for r in updates) and all("gate/z" in r for r in updates)

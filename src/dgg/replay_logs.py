@@ -122,7 +122,8 @@ def _trl(path: Path, reuse: int | None) -> ReplayLog:
     log = ReplayLog(f"{path} (TRL)", _trl_records(steps, reuse, str(path)))
     interval = int(state.get("logging_steps") or 1)
     if interval != 1:
-        log.averaged_over = f"logging_steps={interval} optimizer steps (TRL averages each key over them)"
+        log.averaged_over = (f"logging_steps={interval} optimizer steps (TRL averages its metrics over them; its "
+                             "grad_norm is the interval's last step)")
     return log
 
 
