@@ -21,10 +21,11 @@ def test_each_named_experiment_runs_at_reduced_size(name, tiny_model_dir, tmp_pa
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["arms"]) == {a.name for a in EXPERIMENTS[name](load_config("demo"))}
     assert (out / "report.md").read_text().startswith(f"# dgg bench {name}")
-    assert (out / "fig_accuracy.png").stat().st_size > 0
+    assert png_size(out / "fig_accuracy.png") == (1320, 504)  # plot_accuracy: two panels, 11 × 4.2 in at 120 dpi
     if name == "reuse-rules":
         for figure in ("fig_weights.png", "fig_signals.png", "fig_energy_split.png"):
-            assert (out / figure).stat().st_size > 0
+            width, height = png_size(out / figure)
+            assert width > 400 and height > 200, figure
     if name == "signals":
         assert set(k.split("/", 2)[2] for k in summary["signal_firings"]) == {
             "actor/kl", "actor/clip_ratio", "actor/grad_norm", "actor/lm_head_grad_energy"}
@@ -152,3 +153,12 @@ def test_a_run_another_process_is_training_is_skipped_not_trained_twice(tiny_mod
     # The lock ended with its process: the run now trains here.
     run_arm(None, common, arm, 0, tmp_path / "out")
     assert (run_dir / "done.json").is_file()
+
+
+def png_size(path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk; fails on anything that is not a PNG."""
+    import struct
+
+    data = path.read_bytes()[:24]
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", path
+    return struct.unpack(">II", data[16:24])

@@ -43,12 +43,21 @@ def test_completion_text_stops_at_eos(tiny_model_dir):
         assert text == tokenizer.decode(tokens, skip_special_tokens=True)
 
 
-def test_logprob_gradients_flow(tiny_model_dir):
+def test_logprob_gradients_are_autograds_of_the_full_log_softmax(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    ids = torch.tensor([[0, 5, 6, 7, 8]])
-    lp = completion_logprobs(model, ids, torch.tensor([[0, 1, 1, 1, 1]]), prompt_length=3)
+    ids, attention = torch.tensor([[0, 5, 6, 7, 8]]), torch.tensor([[0, 1, 1, 1, 1]])
+    lp = completion_logprobs(model, ids, attention, prompt_length=3)
     lp.sum().backward()
-    assert lp.shape == (1, 2) and model.lm_head.weight.grad is not None
+    ours = model.lm_head.weight.grad.clone()
+    model.zero_grad()
+    # The same two tokens' log-probabilities from the whole sequence's logits (positions 2 and 3 predict 7, 8).
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=(attention.cumsum(-1) - 1).clamp(min=0)).logits
+    reference = torch.log_softmax(logits[0, 2:4].float(), -1).gather(-1, ids[0, 3:5, None])[:, 0]
+    reference.sum().backward()
+    assert lp.shape == (1, 2)
+    torch.testing.assert_close(lp[0].detach(), reference.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours, model.lm_head.weight.grad, atol=1e-6, rtol=1e-5)
+    assert ours.abs().sum() > 0
 
 
 def test_completion_logits_skip_the_prompt_yet_equal_full_logits(tiny_model_dir):
