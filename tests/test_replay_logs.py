@@ -110,3 +110,17 @@ def test_a_log_without_updates_is_refused(tmp_path, capsys, content):
     path.write_text(content + "\n")
     assert cli_main(["replay", str(path)]) == 2
     assert "holds no update records" in capsys.readouterr().err
+
+
+def test_tensorboard_event_files_from_trl_and_verl_give_their_loggers_answers():
+    pytest.importorskip("tensorboard")
+    kl, k1 = RuleSettings(target_kl=1e-6), RuleSettings(target_kl=1e-4, kl_estimator="k1")
+    trl_tb, trl = read_replay_log(DATA / "tb_trl_watch"), read_replay_log(DATA / "trl_watch")
+    assert "TensorBoard history of a TRL run" in trl_tb.source and trl_tb.judge(["kl"], kl)[0] == "exact"
+    assert [(s["batch"], s["reuse_index"]) for s in replay(trl_tb.records, make_rule("kl", kl))] == \
+        [(s["batch"], s["reuse_index"]) for s in replay(trl.records, make_rule("kl", kl))]
+    verl_tb, verl_file = read_replay_log(DATA / "tb_verl"), read_replay_log(DATA / "verl_file_logger.jsonl")
+    label, why = verl_tb.judge(["kl"], k1)
+    assert label == "approximate" and "every mini-batch and epoch" in why
+    assert [s["batch"] for s in replay(verl_tb.records, make_rule("kl", k1))] == \
+        [s["batch"] for s in replay(verl_file.records, make_rule("kl", k1))]

@@ -1,8 +1,9 @@
 """The logs ``dgg replay`` reads, turned into dgg's per-update records, and what each can honestly tell.
 
 Readers: dgg's own ``metrics.jsonl`` (and the per-update log ``DGG_UPDATE_LOG`` of the verl worker), TRL's
-``trainer_state.json`` (its ``log_history``), verl's file-logger jsonl (``{"step", "data"}`` lines) and a W&B
-history exported as CSV or JSON. Each log is judged per rule:
+``trainer_state.json`` (its ``log_history``), verl's file-logger jsonl (``{"step", "data"}`` lines), TensorBoard
+event files written by TRL or verl (read with the ``tensorboard`` package: ``pip install dgg[tensorboard]``) and a
+W&B history exported as CSV or JSON. Each log is judged per rule:
 
 - **exact**: one record per optimizer step, with every signal the rule reads (dgg's logs, TRL with
   ``logging_steps=1`` and dgg's adapter in any mode, watch mode included);
@@ -65,6 +66,10 @@ def read_replay_log(path: str | Path, reuse: int | None = None) -> ReplayLog:
     """Read any supported log. ``reuse``: K, the updates per rollout batch of a plain TRL log (``num_iterations``
     with one optimizer step per pass), which it does not record."""
     path = Path(path)
+    if path.name.startswith("events.out.tfevents") or (path.is_dir() and any(path.rglob("events.out.tfevents*"))
+                                                         and not (path / "metrics.jsonl").is_file()
+                                                         and not (path / "trainer_state.json").is_file()):
+        return _history(_tensorboard_rows(path), path, reuse, "TensorBoard")
     if path.is_dir():
         if (path / "metrics.jsonl").is_file():
             return _dgg(path / "metrics.jsonl")
@@ -80,14 +85,14 @@ def read_replay_log(path: str | Path, reuse: int | None = None) -> ReplayLog:
     if path.name == "trainer_state.json":
         return _trl(path, reuse)
     if path.suffix == ".csv":
-        return _wandb(_csv_rows(path), path, reuse)
+        return _history(_csv_rows(path), path, reuse, "W&B")
     if path.suffix == ".jsonl":
         first = _first_json_line(path)
         if "step" in first and "data" in first:
             return _verl(path)
         return _dgg(path)
     if path.suffix == ".json":
-        return _wandb(_json_rows(path), path, reuse)
+        return _history(_json_rows(path), path, reuse, "W&B")
     raise UserError(f"{path}: not a log dgg replay reads (a dgg metrics .jsonl or run directory, a TRL "
                     "trainer_state.json or output directory, a verl file-logger .jsonl, a W&B history .csv/.json)")
 
@@ -209,7 +214,28 @@ def _number(text):
         return text
 
 
-def _wandb(rows: list[dict], path: Path, reuse: int | None) -> ReplayLog:
+def _tensorboard_rows(path: Path) -> list[dict]:
+    """One row per step, ``{"step": s, tag: value, ...}``, from every event file at or under ``path``."""
+    try:
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    except ImportError:
+        raise UserError(f"{path}: reading TensorBoard event files needs TensorBoard: pip install dgg[tensorboard]") \
+            from None
+    files = [path] if path.is_file() else sorted(path.rglob("events.out.tfevents*"))
+    rows: dict[int, dict] = {}
+    for file in files:
+        events = EventAccumulator(str(file), size_guidance={"scalars": 0})
+        events.Reload()
+        for tag in events.Tags().get("scalars", []):
+            for event in events.Scalars(tag):
+                rows.setdefault(int(event.step), {"step": int(event.step)})[tag] = float(event.value)
+    if not rows:
+        raise UserError(f"{path}: no scalar in its TensorBoard event files")
+    return [rows[step] for step in sorted(rows)]
+
+
+def _history(rows: list[dict], path: Path, reuse: int | None, kind: str) -> ReplayLog:
+    """Rows of a metrics history (W&B export, TensorBoard scalars), from a TRL or a verl run."""
     cleaned = []
     for row in rows:  # a run page's CSV names columns "<run> - key" and adds key__MIN / key__MAX
         entry = {}
@@ -223,10 +249,10 @@ def _wandb(rows: list[dict], path: Path, reuse: int | None) -> ReplayLog:
     if any(key.startswith("actor/ppo_kl") or key == "actor/pg_clipfrac" for row in cleaned for key in row):
         rows_as_verl = [{"kind": "update", "batch": int(r["step"]), "reuse_index": 2, "step": r["step"],
                          **_foreign(r)} for r in cleaned if any(k.startswith("actor/") for k in r)]
-        return ReplayLog(f"{path} (W&B history of a verl run)", rows_as_verl,
+        return ReplayLog(f"{path} ({kind} history of a verl run)", rows_as_verl,
                          averaged_over="every mini-batch and epoch of a verl training step (one rollout batch)")
     steps = [r for r in cleaned if any(k in r for k in ("loss", "grad_norm", "reuse_index"))]
-    log = ReplayLog(f"{path} (W&B history of a TRL run)", _trl_records(steps, reuse, str(path)))
+    log = ReplayLog(f"{path} ({kind} history of a TRL run)", _trl_records(steps, reuse, str(path)))
     numbers = [int(r["step"]) for r in steps]
     consecutive = bool(numbers) and numbers == list(range(numbers[0], numbers[0] + len(numbers)))
     if not consecutive:

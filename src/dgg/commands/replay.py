@@ -1,7 +1,8 @@
 """`dgg replay LOG --rule kl --set target_kl=0.02`: where reuse rules would have stopped on a logged run.
 
 LOG is a dgg run directory or metrics file, a TRL output directory or trainer_state.json, a verl file-logger
-jsonl, or a W&B history exported as CSV or JSON (dgg.replay_logs). Each rule is labelled exact, approximate or
+jsonl, TensorBoard event files (a file or a directory holding them), or a W&B history exported as CSV or JSON
+(dgg.replay_logs). Each rule is labelled exact, approximate or
 impossible for that log; an impossible rule is reported and the command exits 2.
 """
 
@@ -19,7 +20,7 @@ DEFAULT_RULES = ("dgg", "kl", "clip", "m2", "nosignal", "gradnorm")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="LOG",
                         help="a dgg run directory or metrics .jsonl, a TRL output directory or trainer_state.json, "
-                             "a verl file-logger .jsonl, or a W&B history .csv/.json")
+                             "a verl file-logger .jsonl, TensorBoard event files, or a W&B history .csv/.json")
     parser.add_argument("--rule", action="append", metavar="RULE",
                         help=f"a rule or combination such as dgg+nosignal; repeat for several "
                              f"(default: {', '.join(DEFAULT_RULES)})")

@@ -4,11 +4,13 @@
 
 trl_plain/trainer_state.json: stock GRPOTrainer, num_iterations=2, logging_steps=1, 6 steps.
 trl_watch/trainer_state.json: DGGGRPOTrainer in watch mode (dgg_watch_only=True, kl rule), same settings.
+tb_trl_watch/: trl_watch's TensorBoard event file (report_to=["tensorboard"], what transformers writes).
 wandb_trl_watch.csv: trl_watch's history in the layout of a W&B run page's CSV export ("<run> - key" columns,
 key__MIN/__MAX beside them); written here from that history, since no W&B server is reachable.
 """
 
 import csv
+import shutil
 import sys
 from pathlib import Path
 
@@ -31,7 +33,7 @@ def main() -> None:
     for name, trainer_class, config_class, extra in (
             ("trl_plain", GRPOTrainer, GRPOConfig, {}),
             ("trl_watch", DGGGRPOTrainer, DGGGRPOConfig,
-             {"dgg_watch_only": True, "dgg_rule": "kl", "dgg_target_kl": 1e-6})):
+             {"dgg_watch_only": True, "dgg_rule": "kl", "dgg_target_kl": 1e-6, "report_to": ["tensorboard"]})):
         args = config_class(**tiny_config_kwargs(str(scratch / name), max_steps=6, **extra))
         trainer = trainer_class(model, reward_funcs=digit_fraction_reward, args=args,
                                 train_dataset=addition_prompts(), processing_class=AutoTokenizer.from_pretrained(model))
@@ -40,8 +42,10 @@ def main() -> None:
         trainer.state.save_to_json(str(HERE / name / "trainer_state.json"))
         if name == "trl_watch":
             write_wandb_csv(trainer.state.log_history, HERE / "wandb_trl_watch.csv")
-    import shutil
-
+            shutil.rmtree(HERE / "tb_trl_watch", ignore_errors=True)
+            (HERE / "tb_trl_watch").mkdir()
+            for event_file in (scratch / name).rglob("events.out.tfevents*"):
+                shutil.copy(event_file, HERE / "tb_trl_watch" / event_file.name)
     shutil.rmtree(scratch)
 
 
