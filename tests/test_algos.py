@@ -186,7 +186,7 @@ def test_the_old_loss_section_is_accepted_under_its_new_names_with_a_warning(tmp
         load_config(None, ["loss.beta=0.1"])
 
 
-def test_every_combination_gives_a_finite_loss_and_gradient():
+def test_every_combination_gives_a_finite_loss_whose_gradient_follows_the_advantage():
     generator = torch.Generator().manual_seed(2)
     old = torch.randn(8, 5, generator=generator) - 2
     ref = old + 0.1 * torch.randn(8, 5, generator=generator)
@@ -205,5 +205,13 @@ def test_every_combination_gives_a_finite_loss_and_gradient():
         value, _ = objective.loss_of(logprobs, old, advantages, mask, w, z, ref, entropy)
         value.backward()
         assert math.isfinite(float(value.detach())) and torch.isfinite(logprobs.grad).all(), objective
+        assert logprobs.grad[mask == 0].abs().max() == 0, objective  # padding never gets a gradient
+        # At π_θ = π_old (no ratio clipped), descending the loss raises log π of the best completion's tokens and
+        # lowers the worst's (summed over their active tokens: the KL term may move single tokens either way).
+        at_old = old.clone().requires_grad_()
+        objective.loss_of(at_old, old, advantages, mask, w, z, ref, entropy)[0].backward()
+        best, worst = int(advantages.argmax()), int(advantages.argmin())
+        assert float((at_old.grad[best] * mask[best]).sum()) < 0 < float((at_old.grad[worst] * mask[worst]).sum()), \
+            objective
         count += 1
     assert count == 3 * 3 * 4 * 3 * 2 * 3
