@@ -6,7 +6,8 @@
 Each argument is a run directory or a ``metrics.jsonl`` file of a fixed-K run. Two tables:
 
 1. How the lm_head gradient energy moves within a reuse pass: per reuse index k, the median and the largest of
-   g_k / g_1 over the run's batches, and how many batches had g_k > g_1. The paper's mechanism predicts a surge
+   g_k / g_1 over the run's batches, and how many batches had g_k > g_1. Where the log names each update's rows
+   (``mini_batch_rows``), also each reuse mini-batch against the pass-1 mini-batch with the same samples. The paper's mechanism predicts a surge
    during reuse (g_k well above g_1 on the batches where training turns); a pass in which the energy only
    decays gives a relative-energy rule nothing to find. With ``reuse.mini_batches`` > 1 the rows are the
    updates k.m (pass k, mini-batch m), each against the batch's first update.
@@ -69,6 +70,23 @@ def relative_energy_rows(energies: dict[int, dict[tuple[int, int], float]]
     return [(step, statistics.median(v), max(v), sum(x > 1 for x in v), len(v)) for step, v in sorted(ratios.items())]
 
 
+def same_sample_ratios(records: list[dict]) -> dict[int, list[float]]:
+    """Per reuse pass k > 1: g of each mini-batch over g of the pass-1 mini-batch that trained on the same rows
+    (``mini_batch_rows``, logged since 2026-12-07; the same rows recur with ``reuse.mini_batch_order=fixed``).
+    Mini-batches whose rows pass 1 never used together, or whose pass-1 energy is 0, are left out."""
+    first: dict[tuple[int, tuple[int, ...]], float] = {}
+    ratios: dict[int, list[float]] = {}
+    for r in records:
+        if r.get("kind") != "update" or r.get("mini_batch_rows") is None or r.get("actor/lm_head_grad_energy") is None:
+            continue
+        key = (r["batch"], tuple(r["mini_batch_rows"]))
+        if r["reuse_index"] == 1:
+            first[key] = float(r["actor/lm_head_grad_energy"])
+        elif first.get(key, 0.0) > 0:
+            ratios.setdefault(r["reuse_index"], []).append(float(r["actor/lm_head_grad_energy"]) / first[key])
+    return dict(sorted(ratios.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path)
@@ -87,6 +105,12 @@ def main() -> None:
         print(f"| {step_name} | median g/g_1 | max g/g_1 | batches with g > g_1 |\n|---|---|---|---|")
         for step, median, largest, rising, counted in relative_energy_rows(energies):
             print(f"| {step_label(step, mini_batches)} | {median:.2g} | {largest:.2g} | {rising} of {counted} |")
+        if same := same_sample_ratios(records):
+            print("\nAgainst the pass-1 mini-batch with the same samples:\n\n"
+                  "| k | median g/g(pass 1) | max | mini-batches with g > g(pass 1) |\n|---|---|---|---|")
+            for k, values in same.items():
+                print(f"| {k} | {statistics.median(values):.2g} | {max(values):.2g} | "
+                      f"{sum(v > 1 for v in values)} of {len(values)} |")
         print("\n| history | W | " + " | ".join(f"τ={t:g}: first stop (batch, k); stops" for t in taus) + " |")
         print("|---|---|" + "---|" * len(taus))
         for history, window in variants:

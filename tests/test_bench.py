@@ -162,3 +162,28 @@ def png_size(path) -> tuple[int, int]:
     data = path.read_bytes()[:24]
     assert data[:8] == b"\x89PNG\r\n\x1a\n", path
     return struct.unpack(">II", data[16:24])
+
+
+@pytest.mark.parametrize("order", ["fixed", "shuffle"])
+def test_gate_screen_compares_a_reuse_mini_batch_with_the_same_samples_in_pass_one(tiny_model_dir, tmp_path, order):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from gate_screen import same_sample_ratios
+
+    from test_trainer import make_trainer, read_metrics
+
+    trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=fixed", "reuse.max_reuse=2", "reuse.mini_batches=2",
+                           f"reuse.mini_batch_order={order}", "train.max_batches=2", "eval.every=0")
+    trainer.train()
+    records = read_metrics(trainer.run_dir)
+    ratios = same_sample_ratios(records)
+    if order == "shuffle":
+        assert ratios == {}  # this seed's passes never repeat a partition
+        return
+    updates = [r for r in records if r["kind"] == "update"]
+    energy = {(r["batch"], r["reuse_index"], tuple(r["mini_batch_rows"])): r["actor/lm_head_grad_energy"]
+              for r in updates}
+    expected = [energy[(b, 2, rows)] / energy[(b, 1, rows)] for (b, k, rows) in energy if k == 2]
+    assert ratios == {2: pytest.approx(expected)} and len(expected) == 4
