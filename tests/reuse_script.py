@@ -4,7 +4,7 @@ Each framework's glue feeds the same per-micro-batch statistics, token counts, l
 norms into its :class:`dgg.reuse.ReuseController`; every path must reach the verdicts of a bare controller fed
 directly, with the same metric keys and values. The sequence exercises an applied step, the paper's gate
 dropping a spike, the KL stop, the no-signal guard at k = 1 and a non-finite gradient. Used by
-tests/test_reuse_controller.py, tests/test_integrations_trl.py and tests_verl/test_verl_adapter.py.
+tests/reuse/test_reuse_controller.py, tests/integrations/test_integrations_trl.py and tests_verl/test_verl_adapter.py.
 """
 
 from __future__ import annotations

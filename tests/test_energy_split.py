@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from dgg.energy_split import lm_head_gradient_part, lm_head_gradient_parts, token_gradient_weights
-from test_trainer import make_trainer, read_metrics
+from trainer_helpers import make_trainer, read_metrics
 
 
 def test_the_parts_sum_to_the_probes_energy_and_each_part_is_autograds(tiny_model_dir, tmp_path):

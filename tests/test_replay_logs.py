@@ -89,7 +89,7 @@ def test_verls_per_update_log_replays_exactly_where_watch_mode_flagged_stops():
 
 
 def test_a_dgg_log_reports_rollouts_per_update_and_a_figure(tiny_model_dir, tmp_path, capsys):
-    from test_trainer import make_trainer
+    from trainer_helpers import make_trainer
 
     trainer = make_trainer(tiny_model_dir, tmp_path / "run", "reuse.mode=fixed", "reuse.max_reuse=2",
                            "train.max_batches=2", "eval.every=0")

@@ -19,7 +19,7 @@ from dgg.reuse_rules import (
     parse_rule_names,
     replay,
 )
-from test_trainer import DigitTask, make_trainer, optimizer_snapshot, read_metrics, strip_timing
+from trainer_helpers import DigitTask, make_trainer, optimizer_snapshot, read_metrics, strip_timing
 
 
 def attempt(k, energy=1.0, kl=0.0, clip=0.0, m2=0.0, log_ratio=0.0, signal=True):

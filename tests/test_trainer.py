@@ -7,44 +7,8 @@ import torch
 
 from dgg.cli import main as cli_main
 from dgg.config import ConfigError, load_config
-from dgg.tasks import Problem
-from dgg.trainer import GRPOTrainer, load_policy, load_run_config
-
-TINY_RUN = ["rollout.prompts_per_batch=4", "rollout.group_size=4", "rollout.max_new_tokens=4",
-            "eval.every=2", "eval.problems=4", "eval.samples=2", "profile.weights_every=2",
-            "output.progress=false", "optim.lr=1e-2"]
-
-
-class DigitTask:
-    """Reward = fraction of digit characters: a random model gets varied rewards, so gradients are non-zero."""
-
-    name = "digits"
-    isolate_reward = False
-
-    def __init__(self, fail_on=None):
-        self.fail_on = fail_on
-
-    def problem(self, split, index):
-        return Problem(prompt=f"{index % 7}+{index % 5}=", answer="", meta={})
-
-    def split_size(self, split):
-        return None if split == "train" else 8
-
-    def reward(self, completion, answer):
-        if self.fail_on is not None and self.fail_on in completion:
-            raise RuntimeError("reward exploded")
-        return (sum(c.isdigit() for c in completion) / max(len(completion), 1)), {}
-
-
-def make_trainer(tiny_model_dir, tmp_path, *overrides, task=None):
-    config = load_config(None, [f"model.path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", *TINY_RUN,
-                                *overrides])
-    model, tokenizer = load_policy(config.model)
-    return GRPOTrainer(config, model, tokenizer, task or DigitTask())
-
-
-def read_metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from dgg.trainer import GRPOTrainer, load_run_config
+from trainer_helpers import TINY_RUN, DigitTask, make_trainer, optimizer_snapshot, read_metrics, strip_timing
 
 
 @pytest.mark.parametrize("mode, passes", [("single", 1), ("fixed", 3), ("dgg", 3)])
@@ -82,14 +46,6 @@ def test_weights_and_theory_records(tiny_model_dir, tmp_path):
     assert all(r["actor/chi2"] == pytest.approx(r["theory/r2_mean"] - 1, abs=1e-5) for r in updates)
     c_struct = [r for r in records if r["kind"] == "theory"]
     assert len(c_struct) == 1 and c_struct[0]["theory/c_struct_p95"] > 0
-
-
-def optimizer_snapshot(optimizer):
-    out = {}
-    for i, state in enumerate(optimizer.state.values()):
-        for key, value in state.items():
-            out[(i, key)] = value.clone() if torch.is_tensor(value) else value
-    return out
 
 
 def test_dgg_with_a_hair_trigger_stops_each_batch_after_its_first_reuse_step(tiny_model_dir, tmp_path):
@@ -144,11 +100,6 @@ def test_reward_that_raises_is_counted_logged_and_the_run_goes_on(tiny_model_dir
     assert rollout["reward/errors"] == 16 and rollout["reward/mean"] == 0.0
 
 
-TIMING_KEYS = ("wall_time", "rollout/seconds", "rollout/scoring_seconds")
-
-
-def strip_timing(records):
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS and not k.startswith("perf/")} for r in records]
 
 
 def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tiny_model_dir, tmp_path):

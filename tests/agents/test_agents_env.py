@@ -8,7 +8,7 @@ from dgg.errors import UserError
 from dgg.tasks import make_task
 from dgg.tasks.base import TaskConfig
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "agents.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "agents.md"
 
 
 @pytest.fixture()

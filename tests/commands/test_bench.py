@@ -169,10 +169,10 @@ def test_gate_screen_compares_a_reuse_mini_batch_with_the_same_samples_in_pass_o
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
     from gate_screen import same_sample_ratios
 
-    from test_trainer import make_trainer, read_metrics
+    from trainer_helpers import make_trainer, read_metrics
 
     trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=fixed", "reuse.max_reuse=2", "reuse.mini_batches=2",
                            f"reuse.mini_batch_order={order}", "train.max_batches=2", "eval.every=0")

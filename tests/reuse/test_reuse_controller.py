@@ -11,7 +11,7 @@ import torch
 from dgg.reuse import ReuseController, StepVerdict
 from dgg.reuse_rules import AttemptSignals, RuleSettings
 from reuse_script import EXPECTED_REASONS, RULE, SCRIPT, SETTINGS, reference_metrics, statistics
-from test_trainer import make_trainer, read_metrics
+from trainer_helpers import make_trainer, read_metrics
 
 
 def test_statistics_are_token_weighted_over_micro_batches_by_hand():

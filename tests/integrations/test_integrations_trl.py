@@ -30,7 +30,7 @@ from dgg.integrations.trl import (  # noqa: E402
 )
 from trl_setup import addition_prompts, digit_fraction_reward, save_tiny_model, tiny_config_kwargs  # noqa: E402
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(autouse=True)

@@ -2,8 +2,8 @@ import json
 import random
 
 import pytest
-
 from agent_training import play, train_on_environment
+
 from dgg.agents import make_environment
 from dgg.agents.webshop import Goal, Product, purchase_reward, type_reward
 from dgg.errors import UserError

@@ -2,8 +2,8 @@ import json
 import random
 
 import pytest
-
 from agent_training import play, train_on_environment
+
 from dgg.agents import make_environment
 from dgg.errors import UserError
 
@@ -194,7 +194,7 @@ def test_the_behaviour_cloning_warm_start_learns_only_the_experts_replies(tiny_m
     from dgg.config import ModelConfig
     from dgg.loading import load_policy
 
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "alfworld_bc.py"
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "alfworld_bc.py"
     spec = importlib.util.spec_from_file_location("alfworld_bc", script)
     bc = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bc)
