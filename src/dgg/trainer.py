@@ -33,7 +33,7 @@ from dgg.precision import autocast, bf16_warning, machine_threads, resolve_preci
 from dgg.preemption import STOP, RunStopped, stop_signals
 from dgg.probe import LMHeadGradProbe, global_grad_norm
 from dgg.profiler import WeightChangeProfiler
-from dgg.reuse.controller import ReuseController, StepVerdict
+from dgg.reuse.controller import ReuseController, StepVerdict, finite_or_none
 from dgg.reuse.statistics import ratio_statistics
 from dgg.reuse_rules import AttemptSignals
 from dgg.rewards import task_for_run
@@ -65,10 +65,6 @@ from dgg.samplers import sampler_for_run
 from dgg.scoring import BatchScorer, RewardsFailing  # noqa: F401 (RewardsFailing re-exported)
 
 log = logging.getLogger("dgg.trainer")
-
-def _finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
-
 
 # --- the trainer ---------------------------------------------------------------------------------------------
 
@@ -419,7 +415,7 @@ class GRPOTrainer:
             **verdict.metrics(),  # the vocabulary TRL and verl log too (docs/metrics.md)
             **self._mini_batch,
             "update": self.state.updates,
-            "actor/pg_loss": _finite_or_none(loss),
+            "actor/pg_loss": finite_or_none(loss),
             **{(k if "/" in k else f"actor/{k}"): v for k, v in diagnostics.items()},
             "actor/nonfinite_skips": self.state.nonfinite_skips,
             "perf/update_seconds": time.perf_counter() - started,

@@ -77,13 +77,13 @@ class StepVerdict:
         record = {
             "reuse_index": signals.reuse_index,
             "actor/applied": self.apply,
-            "actor/grad_norm": _finite_or_none(signals.grad_norm),
-            "actor/lm_head_grad_energy": _finite_or_none(signals.lm_head_energy),
+            "actor/grad_norm": finite_or_none(signals.grad_norm),
+            "actor/lm_head_grad_energy": finite_or_none(signals.lm_head_energy),
             **{f"actor/{key}": value for key, value in self.statistics.items()},
             "actor/active_tokens": signals.active_tokens,
             "actor/has_signal": signals.has_signal,
-            "gate/z": _finite_or_none(values.get("dgg/z")),
-            "gate/delta": _finite_or_none(values.get("dgg/delta")),
+            "gate/z": finite_or_none(values.get("dgg/z")),
+            "gate/delta": finite_or_none(values.get("dgg/delta")),
             "gate/ready": bool(values.get("dgg/ready", False)),
             "gate/discard": self.reason == "dgg:zscore",  # the paper's gate dropped this step
             "gate/reason": "zscore" if self.reason == "dgg:zscore" else self.reason,
@@ -198,5 +198,6 @@ class ReuseController:
             self.gate_rule.load_state_dict(state["watch"])
 
 
-def _finite_or_none(value: float | None) -> float | None:
+def finite_or_none(value: float | None) -> float | None:
+    """None for a missing or non-finite value (JSON has no NaN), else the value."""
     return value if value is None or math.isfinite(value) else None
