@@ -119,7 +119,9 @@ def kill_and_resume(train_args: list[str], run_dir: Path, reference: Path, kills
                         report.mid_batch_stops += holds_a_batch_in_progress(run_dir)
                     elif process.returncode == -sig and run_finished(run_dir):
                         report.after_the_end += 1  # the default action, once dgg had let go of the signal
-                    elif process.returncode != 0:  # 0: it had finished before the signal came
+                    elif process.returncode == 0 and run_finished(run_dir):
+                        report.after_the_end += 1  # after the last point where a stop could act, or the exit
+                    elif process.returncode != 0:
                         report.corrupt.append(f"signal {sig}: exit {process.returncode}: {stderr[-500:]}")
                 try:
                     if not checkpoint_loads(run_dir):

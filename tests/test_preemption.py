@@ -177,6 +177,26 @@ def test_the_cli_prints_one_line_and_exits_143(tiny_model_dir, tmp_path, capsys,
                        f"{run_dir / 'checkpoint'}; continue with dgg train --resume {run_dir}")
 
 
+def test_a_signal_after_the_last_checkpoint_exits_0_and_says_there_is_nothing_to_resume(tiny_model_dir, tmp_path,
+                                                                                        capsys, monkeypatch):
+    from dgg.trainer import GRPOTrainer as Trainer
+
+    real_save = Trainer.save_checkpoint
+
+    def save_checkpoint(self, *args, **kwargs):
+        real_save(self, *args, **kwargs)
+        if self.state.batch == 2:  # the run's last checkpoint is on disk; no stop point follows
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_checkpoint)
+    run_dir = tmp_path / "run"
+    code = cli_main(["train", "--model", str(tiny_model_dir), *RUN, "train.max_batches=2", "--output",
+                     str(run_dir)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 0 and saved_state(run_dir)["state"]["batch"] == 2
+    assert err[-1] == "dgg train: SIGTERM came after the work had finished; nothing to resume"
+
+
 def test_a_bench_arm_stopped_by_sigterm_continues_where_it_stopped(tiny_model_dir, tmp_path, monkeypatch):
     from dgg.trainer import GRPOTrainer as Trainer
 

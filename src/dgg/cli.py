@@ -56,8 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command in STOPPABLE:  # a stop signal during loading or between arms is honoured too
-            with stop_signals():
-                return int(modules[args.command].run(args) or 0)
+            with stop_signals() as stop:
+                code = int(modules[args.command].run(args) or 0)
+                if stop.requested and code == 0:  # it came after the last point where a stop could act
+                    print(f"dgg {args.command}: {stop.name} came after the work had finished; nothing to resume",
+                          file=sys.stderr)
+                return code
         return int(modules[args.command].run(args) or 0)
     except RunStopped as stop:  # SIGTERM/SIGINT: the run checkpointed where it stood
         how = f"dgg train --resume {stop.run_dir}" if args.command == "train" else "the same command"
