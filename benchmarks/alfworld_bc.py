@@ -30,7 +30,7 @@ from dgg.config import load_config
 from dgg.errors import UserError
 from dgg.loading import load_policy
 from dgg.precision import autocast, resolve_precision
-from dgg.trainer import render_prompt
+from dgg.rollout import render_prompt
 
 
 def expert_episode(task: EnvironmentTask, tokenizer, turn_format: TurnFormat, index: int) -> tuple[list, list]:

@@ -40,7 +40,7 @@ def large_model_dir() -> str:
 def run(model_dir: str, mode: str, batches: int, prompts: int, group: int) -> dict:
     from dgg.analysis import read_metrics
     from dgg.config import load_config
-    from dgg.trainer import train
+    from dgg.launch import train
 
     out = tempfile.mkdtemp(prefix="dgg-speed-")
     config = load_config("demo", [f"model.path={model_dir}", f"reuse.mode={mode}", "reuse.max_reuse=4",

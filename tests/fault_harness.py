@@ -38,7 +38,8 @@ class Digits:
 
 def trainer_for(tiny_model_dir, run_dir, *overrides):
     from dgg.config import load_config
-    from dgg.trainer import GRPOTrainer, load_policy
+    from dgg.loading import load_policy
+    from dgg.trainer import GRPOTrainer
 
     config = load_config(None, [f"model.path={tiny_model_dir}", f"output.dir={run_dir}", *RUN, *overrides])
     model, tokenizer = load_policy(config.model)

@@ -12,7 +12,8 @@ import torch
 
 from dgg.cli import main as cli_main
 from dgg.tasks import Problem, safe_reward
-from dgg.trainer import GRPOTrainer, load_run_config
+from dgg.run_io import load_run_config
+from dgg.trainer import GRPOTrainer
 from fault_harness import RUN, Digits, deterministic, kill_and_resume, read_records, trainer_for
 
 
@@ -52,12 +53,12 @@ def test_a_full_or_read_only_disk_while_checkpointing_keeps_the_previous_checkpo
             raise OSError(failure, "injected", str(path))
         return real_save(obj, path, *a, **k)
 
-    monkeypatch.setattr("dgg.trainer.torch.save", save_then_fail)
+    monkeypatch.setattr("dgg.run_io.torch.save", save_then_fail)
     with pytest.raises(OSError):
         trainer.train()
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["state"]["batch"] == 1  # the last good checkpoint survived
-    monkeypatch.setattr("dgg.trainer.torch.save", real_save)
+    monkeypatch.setattr("dgg.run_io.torch.save", real_save)
     resumed = GRPOTrainer(load_run_config(tmp_path / "run"), task=Digits(), resume_from=tmp_path / "run")
     resumed.train()
     assert resumed.state.batch == 3

@@ -14,7 +14,8 @@ import torch
 from dgg.cli import main as cli_main
 from dgg.experiments import Arm, run_arm
 from dgg.preemption import RunStopped, stop_requested, stop_signals
-from dgg.trainer import GRPOTrainer, load_run_config
+from dgg.run_io import load_run_config
+from dgg.trainer import GRPOTrainer
 from fault_harness import (
     RUN,
     Digits,

@@ -209,7 +209,8 @@ def test_resumed_runs_decide_identically_for_every_rule(tiny_model_dir, tmp_path
     whole.train()
     first = make_trainer(tiny_model_dir, tmp_path / "b", "train.max_batches=2", *common)
     first.train()
-    from dgg.trainer import GRPOTrainer, load_run_config
+    from dgg.run_io import load_run_config
+    from dgg.trainer import GRPOTrainer
 
     resumed = GRPOTrainer(load_run_config(first.run_dir, ["train.max_batches=4"]), task=DigitTask(),
                           resume_from=first.run_dir)

@@ -7,7 +7,8 @@ import torch
 
 from dgg.cli import main as cli_main
 from dgg.config import ConfigError, load_config
-from dgg.trainer import GRPOTrainer, load_run_config
+from dgg.run_io import load_run_config
+from dgg.trainer import GRPOTrainer
 from trainer_helpers import TINY_RUN, DigitTask, make_trainer, optimizer_snapshot, read_metrics, strip_timing
 
 
@@ -225,7 +226,7 @@ def test_mini_batches_and_dropout_still_score_pi_old_up_front(tiny_model_dir, tm
     assert not make_trainer(tiny_model_dir, tmp_path / "a", "reuse.mini_batches=2").old_from_first_update
     trainer = make_trainer(tiny_model_dir, tmp_path / "b")
     trainer.model.config.attention_dropout = 0.1
-    from dgg.trainer import has_active_dropout
+    from dgg.loading import has_active_dropout
 
     assert has_active_dropout(trainer.model)
 

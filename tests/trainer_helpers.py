@@ -7,7 +7,8 @@ import torch
 
 from dgg.config import load_config
 from dgg.tasks import Problem
-from dgg.trainer import GRPOTrainer, load_policy
+from dgg.loading import load_policy
+from dgg.trainer import GRPOTrainer
 
 TINY_RUN = ["rollout.prompts_per_batch=4", "rollout.group_size=4", "rollout.max_new_tokens=4",
             "eval.every=2", "eval.problems=4", "eval.samples=2", "profile.weights_every=2",

@@ -376,3 +376,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+
+    def __post_init__(self) -> None:  # checks that span two sections
+        if self.algo.aggregation == "group-mean-token-mean" and self.reuse.mini_batches > 1:
+            raise ConfigError("algo.aggregation=group-mean-token-mean needs whole groups in each update, so "
+                              "reuse.mini_batches must be 1")

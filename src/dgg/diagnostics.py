@@ -79,3 +79,19 @@ class Theorem2Observer(LiveTheorem2):
 
     def finish(self, energy: float) -> dict[str, float]:
         return self.check(energy) if math.isfinite(energy) else {}
+
+
+def observers_for(config, model, objective) -> list:
+    """The diagnostics a run's config asks for. Both assume the paper's surrogate without a KL term; Theorem 2
+    bounds the output projection's gradient, so it is off when the gate reads the tied matrix's total."""
+    if config.algo.kl_coef != 0 or not objective.is_papers_surrogate:
+        return []
+    observers: list = []
+    if config.profile.energy_split_every:
+        observers.append(EnergySplitObserver(config.profile.energy_split_every, config.rollout.temperature,
+                                             config.algo.clip_eps, config.algo.clip_eps_high))
+    head = model.get_output_embeddings()
+    tied_total = config.reuse.tied == "total" and head.weight is model.get_input_embeddings().weight
+    if config.profile.theorem2 and not tied_total:
+        observers.append(Theorem2Observer(config.rollout.temperature, getattr(head, "bias", None) is not None))
+    return observers

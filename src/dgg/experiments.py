@@ -78,7 +78,7 @@ def run_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int
 
 def _train_arm(config: str | Path | None, overrides: list[str], arm: Arm, seed: int, run_dir: Path,
                force: bool) -> None:
-    from dgg.trainer import train
+    from dgg.launch import train
 
     resolved = load_config(config, [*overrides, *arm.overrides, f"train.seed={seed}", f"output.dir={run_dir}",
                                     "output.overwrite=true"])

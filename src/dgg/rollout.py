@@ -272,6 +272,19 @@ def score_old_policy(model, batch: RolloutBatch, temperature: float, micro_batch
     model.train(was_training)
 
 
+def score_before_updates(batch: RolloutBatch, policy, reference, score_policy: bool, temperature: float,
+                         micro_batch_size: int | None, precision: str) -> None:
+    """Score what must be scored before the batch's first update: the reference policy (for a KL term), and
+    π_old when ``score_policy`` (otherwise the first update's own forward yields it for free)."""
+    started = time.perf_counter()
+    if reference is not None:
+        score_old_policy(reference, batch, temperature, micro_batch_size, precision)
+        batch.reference_logprobs, batch.old_logprobs = batch.old_logprobs, None  # same scorer, other model
+    if score_policy:
+        score_old_policy(policy, batch, temperature, micro_batch_size, precision)
+    batch.scoring_seconds = time.perf_counter() - started
+
+
 def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
     """Apply the tokenizer's chat template when the task asks for it."""
     if not chat:

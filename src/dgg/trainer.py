@@ -3,8 +3,9 @@
 Read :meth:`GRPOTrainer.train`, :meth:`GRPOTrainer.reuse` and :meth:`GRPOTrainer.update` top to bottom:
 they are Algorithm 1's lines 1–12. Everything numeric lives in small modules: ``algos`` (advantages and the
 loss), ``rollout`` (sampling, log-probs), ``reuse_rules`` and ``gate`` (Eq. 8), ``probe`` (g_t), ``profiler``
-(Fig. 1); ``loading`` loads models, ``run_io`` keeps run state, metrics and checkpoints; ``scoring`` rewards a
-batch, ``evaluation`` measures held-out accuracy, ``reuse`` holds the per-attempt decision.
+(Fig. 1); ``loading`` loads models, ``run_io`` keeps run state and metrics, ``trainer_checkpoint`` saves and
+restores the trainer; ``scoring`` rewards a batch, ``evaluation`` measures held-out accuracy, ``reuse`` holds the
+per-attempt decision, ``diagnostics`` reads the training forward. ``launch.train`` starts or resumes a run.
 """
 
 from __future__ import annotations
@@ -14,23 +15,17 @@ import logging
 import math
 import random
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from dgg.agents.episodes import episode_statistics
-from dgg.config import (
-    Config,
-    ConfigError,
-    make_objective,
-    save_config,
-)
-from dgg.diagnostics import EnergySplitObserver, MicroBatchForward, Theorem2Observer
+from dgg.config import Config, ConfigError, make_objective, save_config
+from dgg.diagnostics import MicroBatchForward, observers_for
 from dgg.evaluation import held_out_accuracy
-from dgg.loading import has_active_dropout, load_policy, resolve_device  # noqa: F401 (re-exported)
+from dgg.loading import has_active_dropout, load_policy
 from dgg.precision import autocast, bf16_warning, machine_threads, resolve_precision
-from dgg.preemption import STOP, RunStopped, stop_signals
+from dgg.preemption import STOP, stop_signals
 from dgg.probe import LMHeadGradProbe, global_grad_norm
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse.controller import ReuseController, StepVerdict, finite_or_none
@@ -43,32 +38,25 @@ from dgg.rollout import (
     completion_logprobs,
     mini_batches,
     render_prompt,
-    score_old_policy,
+    score_before_updates,
     token_entropy,
 )
-from dgg.run_io import (  # noqa: F401 (load_run_config and the constants are re-exported)
+from dgg.run_io import (
     CHECKPOINT,
-    STATE_FILE,
     MetricsWriter,
     RunState,
-    find_checkpoint,
-    load_run_config,
     prepare_fresh_run_dir,
-    read_trainer_state,
-    restore_rng_states,
-    rng_states,
-    truncate_to,
-    write_checkpoint,
 )
 from dgg.run_lock import lock_or_refuse, unlock
 from dgg.samplers import sampler_for_run
-from dgg.scoring import BatchScorer, RewardsFailing  # noqa: F401 (RewardsFailing re-exported)
+from dgg.scoring import BatchScorer
+from dgg.trainer_checkpoint import Checkpointing
 
 log = logging.getLogger("dgg.trainer")
 
 # --- the trainer ---------------------------------------------------------------------------------------------
 
-class GRPOTrainer:
+class GRPOTrainer(Checkpointing):
     """GRPO with single-use, fixed-K or DGG-gated reuse of each rollout batch (Algorithm 1)."""
 
     def __init__(self, config: Config, model=None, tokenizer=None, task=None, resume_from: Path | None = None):
@@ -106,9 +94,6 @@ class GRPOTrainer:
         self.episodic = bool(getattr(self.task, "is_environment", False))  # each rollout an episode
         self.sampler = sampler_for_run(config, model, tokenizer, self.task, self.chat)
         self.objective = make_objective(config)
-        if config.algo.aggregation == "group-mean-token-mean" and config.reuse.mini_batches > 1:
-            raise ConfigError("algo.aggregation=group-mean-token-mean needs whole groups in each update, so "
-                              "reuse.mini_batches must be 1")
         # The KL penalty in the reward is computed from π_old before the first update, so π_old is scored first.
         kl_in_reward = config.algo.kl_coef > 0 and config.algo.kl_in == "reward"
         self.old_from_first_update = config.reuse.mini_batches == 1 and not has_active_dropout(model) \
@@ -130,18 +115,7 @@ class GRPOTrainer:
             if config.profile.weights_every else None
         self.state = RunState()
         self._clock = time.perf_counter()
-        head = model.get_output_embeddings()
-        tied_total = config.reuse.tied == "total" and head.weight is model.get_input_embeddings().weight
-        # Theorem 2 bounds the paper's policy-gradient loss alone, on the output projection's gradient.
-        self.check_theorem2 = config.profile.theorem2 and config.algo.kl_coef == 0 and not tied_total \
-            and self.objective.is_papers_surrogate
-        # Diagnostics that read the training forward (dgg.diagnostics); both assume the paper's surrogate.
-        self.observers = []
-        if config.profile.energy_split_every and config.algo.kl_coef == 0 and self.objective.is_papers_surrogate:
-            self.observers.append(EnergySplitObserver(config.profile.energy_split_every, config.rollout.temperature,
-                                                      config.algo.clip_eps, config.algo.clip_eps_high))
-        if self.check_theorem2:
-            self.observers.append(Theorem2Observer(config.rollout.temperature, getattr(head, "bias", None) is not None))
+        self.observers = observers_for(config, model, self.objective)  # they read the training forward
         self._paused_seconds = 0.0  # diagnostic time inside the current tick, kept off the training clock
         self._sampled_ids: list[torch.Tensor] = []
         self._last_checkpoint_time = time.monotonic()
@@ -210,33 +184,10 @@ class GRPOTrainer:
             log.warning("Theorem 2's bound was exceeded on %d updates (theory/bound_violations)",
                         self.state.bound_violations)
 
-    def _stop_if_requested(self, batch: RolloutBatch | None = None, position: tuple[int, int] = (1, 0)) -> None:
-        """After a stop signal: checkpoint here, between two update attempts (with the batch in progress and
-        where its reuse stands) or between two batches, and raise :class:`RunStopped`."""
-        if not self.stop.requested:
-            return
-        pending = None
-        if batch is not None:
-            if (saved := batch.to_state()) is None:  # cannot be saved: finish the batch, stop after it
-                return
-            pending = {"batch": saved, "reuse_index": position[0], "mini_batch": position[1]}
-        if pending is not None or self._last_checkpoint_batch != self.state.batch:
-            self.save_checkpoint(pending)
-        where = f"inside batch {self.state.batch}, after update {self.state.updates}" if pending \
-            else f"after batch {self.state.batch}"
-        raise RunStopped(self.stop.signum, self.run_dir,
-                         f"stopped by {self.stop.name} {where}; checkpoint saved in {self.run_dir / CHECKPOINT}")
-
     def _release_lock(self) -> None:
         if self._holds_lock:
             unlock(self.run_dir)
             self._holds_lock = False
-
-    def _checkpoint_due(self) -> bool:
-        every, minutes = self.config.train.checkpoint_every, self.config.train.checkpoint_minutes
-        by_count = bool(every) and self.state.batch % every == 0
-        by_time = bool(minutes) and time.monotonic() - self._last_checkpoint_time >= 60 * minutes
-        return by_count or by_time
 
     # Algorithm 1, line 2: generate a rollout batch from π_old ← π_θ
     def collect_rollouts(self) -> RolloutBatch:
@@ -251,15 +202,8 @@ class GRPOTrainer:
         if self.profiler is not None:  # which lm_head rows this batch sampled (weights/lm_head_sampled)
             completions = batch.input_ids[:, batch.prompt_length:]
             self._sampled_ids.append(torch.unique(completions[batch.completion_mask > 0]).cpu())
-        started = time.perf_counter()
-        if self.reference is not None:
-            score_old_policy(self.reference, batch, cfg.rollout.temperature, cfg.train.micro_batch_size,
-                             self.precision)
-            batch.reference_logprobs, batch.old_logprobs = batch.old_logprobs, None  # same scorer, other model
-        if not self.old_from_first_update:
-            score_old_policy(self.model, batch, cfg.rollout.temperature, cfg.train.micro_batch_size,
-                             self.precision)
-        batch.scoring_seconds = time.perf_counter() - started
+        score_before_updates(batch, self.model, self.reference, not self.old_from_first_update,
+                             cfg.rollout.temperature, cfg.train.micro_batch_size, self.precision)
         self._score_rewards(batch)
         return batch
 
@@ -459,71 +403,8 @@ class GRPOTrainer:
         self.metrics.write("theory", self.state, {f"theory/{k}": v for k, v in values.items()})
         self._clock = time.perf_counter()
 
-    # --- checkpoints: written to a temporary directory, then renamed, so the last good one survives a crash ---
-    def save_checkpoint(self, pending: dict | None = None) -> Path:
-        """``pending``: the batch a stop signal interrupted and where its reuse stands (None between batches)."""
-        self._tick()
-        final = write_checkpoint(self.run_dir, self.model, self.tokenizer, {
-            "state": asdict(self.state),
-            "optimizer": self.optimizer.state_dict(),
-            "gate": self.gate.state_dict(),
-            **self.controller.state_dict(),  # "reuse_rule" and "watch"
-            "profiler": self.profiler.state_dict() if self.profiler else None,
-            "sampled_ids": self._sampled_ids,
-            "rng": rng_states(),
-            "metrics_offset": self.metrics.offset(),
-            "reward_errors_offset": self._reward_errors_path.stat().st_size if self._reward_errors_path.exists()
-            else 0,
-            "pending": pending,
-        })
-        self._last_checkpoint_time, self._last_checkpoint_batch = time.monotonic(), self.state.batch
-        self._clock = time.perf_counter()
-        return final
-
-    def _load_checkpoint(self, directory: Path, metrics_path: Path) -> None:
-        saved = read_trainer_state(directory, self.device)
-        self.state = RunState(**saved["state"])
-        self.optimizer.load_state_dict(saved["optimizer"])
-        if "reuse_rule" in saved:
-            self.controller.load_state_dict({"reuse_rule": saved["reuse_rule"], "watch": saved["watch"]})
-        else:  # a checkpoint from before reuse rules: the gate was the only state
-            self.gate.load_state_dict(saved["gate"])
-        if self.profiler and saved["profiler"] is not None:
-            self.profiler.load_state_dict(saved["profiler"])
-            self._sampled_ids = [ids.cpu() for ids in saved.get("sampled_ids", [])]
-        restore_rng_states(saved["rng"])
-        # Lines written after the checkpoint belong to work that is being redone (a torn last line included).
-        truncate_to(metrics_path, saved["metrics_offset"])
-        truncate_to(self._reward_errors_path, saved.get("reward_errors_offset"))
-        self._last_checkpoint_batch = self.state.batch
-        if (pending := saved.get("pending")) is not None:  # stopped inside a batch: it goes on from there
-            self._pending = (RolloutBatch.from_state(pending["batch"]),
-                             (int(pending["reuse_index"]), int(pending["mini_batch"])))
-            self._last_checkpoint_batch = -1  # that batch's end still needs its own checkpoint
-
 
 def _progress_bar(total: int, initial: int, enabled: bool):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, desc="batches", unit="batch", disable=not enabled, dynamic_ncols=True)
-
-
-def train(config: Config, resume: str | Path | None = None) -> GRPOTrainer:
-    """Build a trainer (fresh or resumed) and run it; returns the finished trainer."""
-    resume_from = None
-    run_dir = Path(resume) if resume is not None else Path(config.output.dir)
-    lock_or_refuse(run_dir)  # before find_checkpoint, which may repair the directory
-    try:
-        if resume is not None:
-            resume_from = find_checkpoint(run_dir)
-            if resume_from is None:  # nothing was saved, so nothing is lost: start it again, from a clean directory
-                log.warning("--resume %s: the run stopped before its first checkpoint; starting it again from "
-                            "batch 0", resume)
-                config.output.overwrite = True
-        trainer = GRPOTrainer(config, resume_from=resume_from)
-        trainer.train()
-    finally:
-        unlock(run_dir)
-    return trainer
-
-

@@ -8,7 +8,10 @@ from dgg.agents import EpisodeLimits, StepResult, register_environment, run_epis
 from dgg.agents.env import EnvironmentTask
 from dgg.agents.episodes import TurnFormat
 from dgg.rollout import completion_logits
-from dgg.trainer import GRPOTrainer, load_policy, load_run_config, render_prompt
+from dgg.loading import load_policy
+from dgg.rollout import render_prompt
+from dgg.run_io import load_run_config
+from dgg.trainer import GRPOTrainer
 from objective_helpers import papers_loss
 
 

@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from dgg.config import ConfigError, load_config
-    from dgg.trainer import load_run_config, train
+    from dgg.launch import train
+    from dgg.run_io import load_run_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(args.overrides)
