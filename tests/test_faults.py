@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from dgg.cli import main as cli_main
-from dgg.tasks import Problem, safe_reward
 from dgg.run_io import load_run_config
+from dgg.tasks import Problem, safe_reward
 from dgg.trainer import GRPOTrainer
 from fault_harness import RUN, Digits, deterministic, kill_and_resume, read_records, trainer_for
 

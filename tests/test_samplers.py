@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from dgg.config import load_config
+from dgg.loading import load_policy
 from dgg.rollout import sample_rollouts
 from dgg.samplers import HFSampler, batch_from_token_ids, make_sampler
 from dgg.tasks import Problem
-from dgg.loading import load_policy
 from dgg.trainer import GRPOTrainer
 
 PROBLEMS = [Problem(prompt="1+2=", answer="3", meta={}), Problem(prompt="12+30=", answer="42", meta={})]

@@ -6,8 +6,8 @@ import json
 import torch
 
 from dgg.config import load_config
-from dgg.tasks import Problem
 from dgg.loading import load_policy
+from dgg.tasks import Problem
 from dgg.trainer import GRPOTrainer
 
 TINY_RUN = ["rollout.prompts_per_batch=4", "rollout.group_size=4", "rollout.max_new_tokens=4",

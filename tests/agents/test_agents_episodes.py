@@ -7,9 +7,8 @@ import torch
 from dgg.agents import EpisodeLimits, StepResult, register_environment, run_episodes
 from dgg.agents.env import EnvironmentTask
 from dgg.agents.episodes import TurnFormat
-from dgg.rollout import completion_logits
 from dgg.loading import load_policy
-from dgg.rollout import render_prompt
+from dgg.rollout import completion_logits, render_prompt
 from dgg.run_io import load_run_config
 from dgg.trainer import GRPOTrainer
 from objective_helpers import papers_loss
