@@ -8,22 +8,19 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import dgg.warmstart as ws
 from dgg.commands import warmstart as warmstart_command
+from dgg.tasks import Problem
 from dgg.tiny import TinyModelConfig, build_char_tokenizer, build_tiny_model
 from dgg.warmstart import (
     IGNORE_INDEX,
-    Problem,
-    WarmstartConfig,
     bare_prompt,
     build_batch,
-    config_hash,
-    default_model_dir,
     evaluate_accuracy,
     learning_rate_at,
-    load_config,
     split_train_heldout,
     target_token_loss,
     warmstart,
 )
+from dgg.warmstart_config import WarmstartConfig, config_hash, default_model_dir, load_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_MODEL = TinyModelConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -127,45 +124,49 @@ def test_learning_rate_schedule_endpoints():
     assert learning_rate_at(100, config) == pytest.approx(0.1)
 
 
-class _Oracle(torch.nn.Module):
-    """A stand-in policy that always puts probability ``p`` on the next character of the right answer + EOS."""
-
-    def __init__(self, tokenizer, answers: dict[str, str], p: float):
-        super().__init__()
-        self.tokenizer, self.answers, self.p = tokenizer, answers, p
-
-    def forward(self, input_ids, attention_mask, position_ids):
-        vocab = len(self.tokenizer)
-        logits = torch.full((input_ids.shape[0], input_ids.shape[1], vocab), -1e9)
-        for i, row in enumerate(input_ids.tolist()):
-            text = self.tokenizer.decode([t for t, m in zip(row, attention_mask[i].tolist(), strict=True) if m], skip_special_tokens=True)
-            prompt, _, done = text.partition("=")
-            wanted = (self.answers[prompt + "="] + "<eos>")
-            next_piece = wanted[len(done):]
-            next_token = self.tokenizer.eos_token_id if next_piece.startswith("<eos>") else \
-                self.tokenizer.convert_tokens_to_ids(next_piece[0])
-            other = self.tokenizer.convert_tokens_to_ids("x")
-            logits[i, -1, next_token] = torch.log(torch.tensor(self.p))
-            logits[i, -1, other] = torch.log(torch.tensor(1 - self.p)) if self.p < 1 else -1e9
-        return type("Out", (), {"logits": logits})()
+def _greedy_by_hand(model, tok, prompt: str, max_new_tokens: int) -> tuple[str, list[float]]:
+    """Greedy decoding one token at a time on one unpadded row: the text, and π of each token (EOS included)."""
+    ids = tok(prompt, add_special_tokens=False, return_tensors="pt").input_ids
+    chosen = []
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            probabilities = torch.softmax(model(input_ids=ids).logits[0, -1].float(), -1)
+            token = int(probabilities.argmax())
+            chosen.append(float(probabilities[token]))
+            ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+            if token == tok.eos_token_id:
+                break
+    completion = ids[0, -len(chosen):].tolist()
+    return tok.decode(completion, skip_special_tokens=True), chosen
 
 
-def test_evaluate_accuracy_on_a_known_policy():
+def test_the_greedy_check_scores_exact_matches_and_the_chosen_tokens_probabilities():
     tok = build_char_tokenizer()
-    problems = [Problem("7-1=", "6"), Problem("12+30=", "42")]
-    answers = {p.prompt: p.answer for p in problems}
-    perfect = evaluate_accuracy(_Oracle(tok, answers, 1.0), tok, problems, 1.0, 6, n_samples=3)
-    assert perfect["accuracy"] == 1.0
-    assert perfect["mean_chosen_probability"] == pytest.approx(1.0)
-    assert perfect["mean_completion_tokens"] == pytest.approx(2.5)  # "6<eos>" and "42<eos>"
-    greedy = evaluate_accuracy(_Oracle(tok, answers, 0.9), tok, problems, 0.0, 6)
-    assert greedy["accuracy"] == 1.0
-    assert greedy["mean_chosen_probability"] == pytest.approx(0.9)
-    assert greedy["fraction_chosen_below_0.05"] == 0.0
-    # sampling a 0.5/0.5 policy: a completion is right only if every token is; 'x' derails it to a wrong answer
-    sampled = evaluate_accuracy(_Oracle(tok, answers, 0.5), tok, problems, 1.0, 6, n_samples=200, seed=1)
-    expected = 0.5 * (0.5**2) + 0.5 * (0.5**3)  # "6<eos>" needs 2 right tokens, "42<eos>" needs 3
-    assert sampled["accuracy"] == pytest.approx(expected, abs=0.06)
+    model = build_tiny_model(tok, TINY_MODEL, seed=5).eval()
+    prompts = ["7-1=", "12+30=", "99-9="]  # different lengths, so the sampler's batch is left-padded
+    by_hand = [_greedy_by_hand(model, tok, p, 6) for p in prompts]
+    # The first two answers are what greedy decoding writes, the third is not: accuracy 2/3 exactly.
+    problems = [Problem(p, text.strip(), {}) for p, (text, _) in zip(prompts[:2], by_hand[:2], strict=True)]
+    problems.append(Problem(prompts[2], by_hand[2][0].strip() + "0", {}))
+    chosen = [q for _, probabilities in by_hand for q in probabilities]
+    greedy = evaluate_accuracy(model, tok, problems, 0.0, 6)
+    assert greedy["accuracy"] == pytest.approx(2 / 3)
+    assert greedy["mean_chosen_probability"] == pytest.approx(sum(chosen) / len(chosen), rel=1e-5)
+    assert greedy["fraction_chosen_below_0.05"] == pytest.approx(sum(q < 0.05 for q in chosen) / len(chosen))
+    assert greedy["mean_completion_tokens"] == pytest.approx(len(chosen) / 3)
+
+
+def test_the_sampled_check_is_reproducible_from_its_seed_and_leaves_the_global_rng_alone():
+    tok = build_char_tokenizer()
+    model = build_tiny_model(tok, TINY_MODEL, seed=5).eval()
+    problems = [Problem("7-1=", "6", {}), Problem("12+30=", "42", {})]
+    torch.manual_seed(123)
+    first = evaluate_accuracy(model, tok, problems, 1.0, 6, n_samples=8, seed=1)
+    after = torch.rand(1)
+    torch.manual_seed(123)
+    assert evaluate_accuracy(model, tok, problems, 1.0, 6, n_samples=8, seed=1) == first
+    assert torch.rand(1).equal(after)
+    assert evaluate_accuracy(model, tok, problems, 1.0, 6, n_samples=8, seed=2) != first
 
 
 def _weights(directory: Path) -> dict[str, torch.Tensor]:
@@ -246,17 +247,6 @@ def test_cli_prints_the_directory_and_reports_bad_input(tmp_path, capsys):
     assert "label_noise" in capsys.readouterr().err
     assert warmstart_command.run(parser.parse_args(["--threads", "0", "--quiet", "--out", str(tmp_path / "z")])) == 2
     assert "threads" in capsys.readouterr().err
-
-
-def test_greedy_sampler_agrees_with_hf_generate_under_left_padding():
-    tok = build_char_tokenizer()
-    model = build_tiny_model(tok, TINY_MODEL, seed=5).eval()
-    prompts = ["7-1=", "12+30=", "99-9="]  # different lengths, so the batch is left-padded
-    ours, _ = ws.sample_completions(model, tok, prompts, 0.0, 6, torch.Generator().manual_seed(0))
-    encoded = tok(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-    out = model.generate(**encoded, do_sample=False, max_new_tokens=6)
-    theirs = tok.batch_decode(out[:, encoded["input_ids"].shape[1]:], skip_special_tokens=True)
-    assert ours == theirs
 
 
 # --- the optional filler-token tail (docs/reproducing-dwd.md) --------------------------------------------------

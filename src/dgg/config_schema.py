@@ -274,8 +274,14 @@ class TrainConfig:
     float32 master weights; gradients, AdamW's state, the loss reductions and the gate's energy stay float32.
     ``auto``: bf16 where the hardware multiplies it (a GPU with bf16, a CPU with avx512_bf16 or AMX), else fp32
     (an emulated bf16 is slower); the run's config.yaml records what it resolved to."""
+    logprob_chunk: int = 0
+    """0: the lm_head computes every completion token's logits at once (tokens × vocabulary floats, and as many
+    again for their gradient). N > 0: N tokens at a time, forward and backward (dgg.chunked_logprobs), so that
+    memory no longer grows with tokens × vocabulary, for one more lm_head matmul per token; for a large
+    vocabulary (Gemma-3's 262k rows). Needs profile.theorem2=false and profile.energy_split_every=0."""
 
     def __post_init__(self):
+        _check(self.logprob_chunk >= 0, "train.logprob_chunk", "an integer >= 0 (0: off)", self.logprob_chunk)
         _check(self.max_batches >= 1, "train.max_batches", "an integer >= 1", self.max_batches)
         _check(self.micro_batch_size is None or self.micro_batch_size >= 1, "train.micro_batch_size",
                "an integer >= 1 or null", self.micro_batch_size)

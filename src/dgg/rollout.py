@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dgg.chunked_logprobs import chunked_token_logprobs, lm_head_bypassed
 from dgg.precision import autocast
 from dgg.tasks import Problem
 
@@ -176,14 +177,22 @@ def _cache_argument(model) -> str:
 
 
 def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int,
-                        temperature: float = 1.0, *, return_logits: bool = False):
+                        temperature: float = 1.0, *, return_logits: bool = False, chunk: int = 0):
     """(N, R) log π(a_t | prefix) of the completion tokens, under logits / temperature, in float32.
 
     The temperature matches the sampling distribution, so r_i = π_θ/π_old compares like with like.
     (top-p truncation at sampling time is not modelled, as in TRL and verl.) With ``return_logits`` returns
     ``(logprobs, logits, hidden)``: also the detached float32 raw logits (N, R, V) and the lm_head input
     (N, R, d) at those positions, e.g. for Theorem 2's bound, so that nobody runs the lm_head a second time.
+    ``chunk`` > 0 never holds the full logits: the lm_head runs ``chunk`` tokens at a time
+    (:mod:`dgg.chunked_logprobs`); it cannot return them.
     """
+    if chunk:
+        if return_logits:
+            raise ValueError("completion_logprobs: return_logits needs the full logits; pass chunk=0")
+        with lm_head_bypassed(model) as head:
+            hidden = completion_logits(model, input_ids, attention_mask, prompt_length)
+        return chunked_token_logprobs(hidden, head, input_ids[:, prompt_length:], temperature, chunk)
     raw, hidden = completion_logits(model, input_ids, attention_mask, prompt_length, return_hidden=True) \
         if return_logits else (completion_logits(model, input_ids, attention_mask, prompt_length), None)
     raw = raw.float()
@@ -225,7 +234,8 @@ def shared_prompt_cache(model, input_ids: torch.Tensor, attention_mask: torch.Te
 @torch.no_grad()
 def sample_rollouts(model, tokenizer, problems: list[Problem], group_size: int, max_new_tokens: int,
                     temperature: float = 1.0, top_p: float = 1.0, precision: str = "fp32") -> RolloutBatch:
-    """Sample ``group_size`` completions per problem with the KV cache (``model.generate``).
+    """Sample ``group_size`` completions per problem with the KV cache (``model.generate``) from the full
+    tempered softmax (no top-k); ``temperature=0`` decodes greedily.
 
     Returns a batch with π_old log-probs left empty; see :func:`score_old_policy`.
     """
@@ -241,8 +251,10 @@ def sample_rollouts(model, tokenizer, problems: list[Problem], group_size: int, 
     prompt_length = input_ids.shape[1]
     with autocast(device, precision):
         output = model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, do_sample=True, temperature=temperature,
-            top_p=top_p, top_k=0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+            **(dict(do_sample=True, temperature=temperature, top_p=top_p, top_k=0) if temperature > 0
+               else dict(do_sample=False, temperature=None, top_p=None, top_k=None)),
+            pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id, **shared_prompt_cache(model, input_ids, attention_mask),
         )
     completion_ids = output[:, prompt_length:]
@@ -259,7 +271,7 @@ def sample_rollouts(model, tokenizer, problems: list[Problem], group_size: int, 
 
 @torch.no_grad()
 def score_old_policy(model, batch: RolloutBatch, temperature: float, micro_batch_size: int | None = None,
-                     precision: str = "fp32") -> None:
+                     precision: str = "fp32", chunk: int = 0) -> None:
     """Fill ``batch.old_logprobs`` with log π_old, once per batch, before any update on it."""
     was_training = model.training
     model.eval()
@@ -267,21 +279,22 @@ def score_old_policy(model, batch: RolloutBatch, temperature: float, micro_batch
     device = next(model.parameters()).device
     with autocast(device, precision):
         chunks = [completion_logprobs(model, batch.input_ids[i:i + size], batch.attention_mask[i:i + size],
-                                      batch.prompt_length, temperature) for i in range(0, batch.size, size)]
+                                      batch.prompt_length, temperature, chunk=chunk)
+                  for i in range(0, batch.size, size)]
     batch.old_logprobs = torch.cat(chunks).detach()
     model.train(was_training)
 
 
 def score_before_updates(batch: RolloutBatch, policy, reference, score_policy: bool, temperature: float,
-                         micro_batch_size: int | None, precision: str) -> None:
+                         micro_batch_size: int | None, precision: str, chunk: int = 0) -> None:
     """Score what must be scored before the batch's first update: the reference policy (for a KL term), and
     π_old when ``score_policy`` (otherwise the first update's own forward yields it for free)."""
     started = time.perf_counter()
     if reference is not None:
-        score_old_policy(reference, batch, temperature, micro_batch_size, precision)
+        score_old_policy(reference, batch, temperature, micro_batch_size, precision, chunk)
         batch.reference_logprobs, batch.old_logprobs = batch.old_logprobs, None  # same scorer, other model
     if score_policy:
-        score_old_policy(policy, batch, temperature, micro_batch_size, precision)
+        score_old_policy(policy, batch, temperature, micro_batch_size, precision, chunk)
     batch.scoring_seconds = time.perf_counter() - started
 
 

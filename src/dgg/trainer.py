@@ -116,6 +116,10 @@ class GRPOTrainer(Checkpointing):
         self.state = RunState()
         self._clock = time.perf_counter()
         self.observers = observers_for(config, model, self.objective)  # they read the training forward
+        if config.train.logprob_chunk and (self.observers or self.objective.needs_entropy):
+            raise ConfigError("train.logprob_chunk never holds the full logits, which profile.theorem2, "
+                              "profile.energy_split_every and an entropy-based algo.token_credit read; turn those "
+                              "off, or set train.logprob_chunk=0")
         self._paused_seconds = 0.0  # diagnostic time inside the current tick, kept off the training clock
         self._sampled_ids: list[torch.Tensor] = []
         self._last_checkpoint_time = time.monotonic()
@@ -203,7 +207,8 @@ class GRPOTrainer(Checkpointing):
             completions = batch.input_ids[:, batch.prompt_length:]
             self._sampled_ids.append(torch.unique(completions[batch.completion_mask > 0]).cpu())
         score_before_updates(batch, self.model, self.reference, not self.old_from_first_update,
-                             cfg.rollout.temperature, cfg.train.micro_batch_size, self.precision)
+                             cfg.rollout.temperature, cfg.train.micro_batch_size, self.precision,
+                             cfg.train.logprob_chunk)
         self._score_rewards(batch)
         return batch
 
@@ -301,7 +306,7 @@ class GRPOTrainer(Checkpointing):
             with autocast(self.device, self.precision):
                 scored = completion_logprobs(self.model, batch.input_ids[rows], batch.attention_mask[rows],
                                              batch.prompt_length, cfg.rollout.temperature,
-                                             return_logits=need_logits)
+                                             return_logits=need_logits, chunk=cfg.train.logprob_chunk)
             logprobs, logits, hidden = scored if need_logits else (scored, None, None)
             old_logprobs = logprobs.detach() if first_pass else batch.old_logprobs[rows]
             old_chunks.append(old_logprobs)

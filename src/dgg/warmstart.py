@@ -15,32 +15,34 @@ removed followed by ``=``, e.g. ``"57-8="``; the target is the answer followed b
 The result is a Hugging Face directory (safetensors) cached under a hash of the config, so ``make demo`` and
 every RL experiment start from the same weights without retraining.
 
-Over 450 lines: the warm-start is one self-contained recipe (its config, its noisy-label data, its own
-training loop and the greedy check that the result solves the task sometimes but not always). Nothing else in
-dgg uses its pieces, so they stay together.
+The config is read by dgg's own loader (``dgg.config``), problems are the tasks' ``Problem`` and the held-out
+check samples with the trainer's sampler (``dgg.rollout``); only the supervised loop is the warm-start's own.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import yaml
 
-from dgg.tiny import DEFAULT_CHARACTERS, TinyModelConfig
+from dgg.tasks import Problem
+from dgg.tiny import DEFAULT_CHARACTERS
+from dgg.warmstart_config import (
+    FORMAT_VERSION,
+    WarmstartConfig,
+    config_hash,
+    config_to_mapping,
+    default_model_dir,
+    filler_characters,
+)
 
-# Bump when the training recipe changes in a way the config does not capture, so old caches are not reused.
-FORMAT_VERSION = 1
 TASK_NAME = "chain_sum"
 METRICS_FILENAME = "warmstart_metrics.json"
 CONFIG_FILENAME = "warmstart.yaml"
@@ -50,219 +52,7 @@ IGNORE_INDEX = -100
 TORCH_THREADS = 1
 
 
-@dataclass(frozen=True)
-class WarmstartConfig:
-    """Everything that determines the warm-started weights (and hence the cache key)."""
-
-    seed: int = 0
-    """Seed of the model initialisation, the batch order, the label noise and the evaluation samples."""
-    train_seed: int = 1_000_000
-    """reasoning-gym seed of the training pool. Item i of a seed-s dataset is drawn from Random(s + i), so the
-    pool is the seed range [train_seed, train_seed + num_train_problems), which must not meet the held-out
-    range; problems whose expression also occurs in the held-out set are dropped from the pool anyway."""
-    num_train_problems: int = 50_000
-    """Size of the generated training pool (duplicates included; chain_sum with 2 terms of 1–2 digits has
-    about 16k distinct problems). Batches are drawn from it with replacement."""
-    min_terms: int = 2
-    """chain_sum option: fewest operands per expression."""
-    max_terms: int = 2
-    """chain_sum option: most operands per expression."""
-    min_digits: int = 1
-    """chain_sum option: fewest digits per operand."""
-    max_digits: int = 2
-    """chain_sum option: most digits per operand."""
-    heldout_seed: int = 0
-    """``task.seed`` of the RL task whose test split is held out (``dgg.tasks``, chain_sum with the options
-    above; the demo uses 0). Those problems are excluded from training by expression and give the final
-    accuracy report, so RL evaluation never sees a problem the warm-start trained on."""
-    heldout_size: int = 256
-    """Number of held-out problems: the RL task's ``test_size`` (its first ``heldout_size`` test problems)."""
-    label_noise: float = 0.6
-    """Fraction of training targets replaced by the answer of another, randomly drawn problem (redrawn every
-    time a problem is drawn), so the model starts imperfect and RL has room to improve it."""
-    steps: int = 1500
-    """Optimizer steps."""
-    batch_size: int = 128
-    """Problems per optimizer step."""
-    learning_rate: float = 1.5e-3
-    """Peak AdamW learning rate, reached after the warm-up and decayed by a cosine to 10 % of itself."""
-    warmup_steps: int = 100
-    """Linear learning-rate warm-up steps."""
-    weight_decay: float = 0.01
-    """AdamW decoupled weight decay."""
-    max_grad_norm: float = 1.0
-    """Gradient-norm clip per step; 0 disables clipping."""
-    eval_temperature: float = 1.0
-    """Sampling temperature of the held-out 'sampled' accuracy (the temperature RL samples at)."""
-    eval_max_new_tokens: int = 6
-    """Most tokens generated per held-out problem (the RL task's completion budget)."""
-    eval_samples: int = 4
-    """Samples per held-out problem for the sampled accuracy (greedy uses one)."""
-    model: TinyModelConfig = field(default_factory=TinyModelConfig)
-    """Shape of the tiny Qwen2 model (see :class:`dgg.tiny.TinyModelConfig`)."""
-    filler_tokens: int = 0
-    """Extra one-character tokens (CJK code points from U+4E00) appended to the vocabulary, a stand-in for the
-    long tail of a large LLM vocabulary. 0 (default) keeps the 80-token character vocabulary."""
-    filler_noise: float = 0.0
-    """Fraction of training targets replaced by one filler token (then EOS), drawn with Zipf's law (rank k with
-    probability ∝ 1/k): the model learns to put this much mass on the filler tokens, spread over a long tail of
-    tiny probabilities, so that sampled completions include tail tokens with small π_old (paper §3). Needs
-    filler_tokens > 0."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.model, Mapping):  # built from YAML / key=value overrides
-            object.__setattr__(self, "model", _tiny_model_config_from_mapping(self.model))
-        _validate(self)
-
-
-def _check(condition: bool, name: str, allowed: str, value: Any) -> None:
-    if not condition:
-        raise ValueError(f"warmstart config: {name} must be {allowed}, got {value!r}")
-
-
-def _validate(config: WarmstartConfig) -> None:
-    for name in ("seed", "train_seed", "heldout_seed"):
-        _check(getattr(config, name) >= 0, name, "a non-negative integer", getattr(config, name))
-    for name in ("num_train_problems", "heldout_size", "steps", "batch_size", "eval_max_new_tokens", "eval_samples"):
-        _check(getattr(config, name) >= 1, name, "a positive integer", getattr(config, name))
-    _check(1 <= config.min_terms <= config.max_terms, "min_terms/max_terms", "1 <= min_terms <= max_terms",
-           (config.min_terms, config.max_terms))
-    _check(1 <= config.min_digits <= config.max_digits, "min_digits/max_digits", "1 <= min_digits <= max_digits",
-           (config.min_digits, config.max_digits))
-    _check(0.0 <= config.label_noise < 1.0, "label_noise", "in [0, 1)", config.label_noise)
-    _check(config.learning_rate > 0 and math.isfinite(config.learning_rate), "learning_rate", "positive",
-           config.learning_rate)
-    _check(0 <= config.warmup_steps < config.steps, "warmup_steps", "in [0, steps)", config.warmup_steps)
-    _check(config.filler_tokens >= 0, "filler_tokens", "a non-negative integer", config.filler_tokens)
-    _check(0.0 <= config.filler_noise < 1.0, "filler_noise", "in [0, 1)", config.filler_noise)
-    _check(config.filler_noise == 0.0 or config.filler_tokens > 0, "filler_noise",
-           "0 unless filler_tokens > 0", config.filler_noise)
-    _check(config.weight_decay >= 0, "weight_decay", "non-negative", config.weight_decay)
-    _check(config.max_grad_norm >= 0, "max_grad_norm", "non-negative (0 disables clipping)", config.max_grad_norm)
-    _check(config.eval_temperature >= 0, "eval_temperature", "non-negative (0 is greedy)", config.eval_temperature)
-    longest_prompt = config.max_terms * (config.max_digits + 1)  # operands, operators and '='
-    longest_answer = config.max_digits + math.ceil(math.log10(config.max_terms)) + 2  # sign, carry digits, EOS
-    _check(longest_prompt + longest_answer <= config.model.max_position_embeddings, "model.max_position_embeddings",
-           f">= {longest_prompt + longest_answer} for these chain_sum options", config.model.max_position_embeddings)
-
-
-def _tiny_model_config_from_mapping(values: Mapping[str, Any]) -> TinyModelConfig:
-    known = {f.name for f in dataclasses.fields(TinyModelConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"warmstart config: unknown model field(s) {unknown}; valid: {sorted(known)}")
-    return TinyModelConfig(**{k: _coerce(f"model.{k}", v, TinyModelConfig, k) for k, v in values.items()})
-
-
-def _coerce(name: str, value: Any, cls: type, field_name: str) -> Any:
-    """Cast a YAML/CLI value to the field's declared type, naming the field when it cannot be."""
-    declared = {f.name: f.type for f in dataclasses.fields(cls)}[field_name]
-    kind = {"int": int, "float": float, "bool": bool}.get(declared if isinstance(declared, str) else declared.__name__)
-    if kind is None:
-        return value
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        raise ValueError(f"warmstart config: {name} must be true or false, got {value!r}")
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"warmstart config: {name} must be a number ({kind.__name__}), got {value!r}")
-    if kind is int and value != int(value):
-        raise ValueError(f"warmstart config: {name} must be an integer, got {value!r}")
-    return kind(value)
-
-
-def config_from_mapping(values: Mapping[str, Any]) -> WarmstartConfig:
-    """A config from a (YAML) mapping; unknown keys are an error that lists the valid ones."""
-    if not isinstance(values, Mapping):
-        raise ValueError(f"warmstart config: expected a mapping of field: value, got {type(values).__name__}")
-    known = {f.name for f in dataclasses.fields(WarmstartConfig)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"warmstart config: unknown field(s) {unknown}; valid: {sorted(known)}")
-    kwargs: dict[str, Any] = {}
-    for key, value in values.items():
-        if key == "model":
-            if not isinstance(value, Mapping):
-                raise ValueError(f"warmstart config: model must be a mapping of TinyModelConfig fields, got {value!r}")
-            kwargs[key] = _tiny_model_config_from_mapping(value)
-        else:
-            kwargs[key] = _coerce(key, value, WarmstartConfig, key)
-    return WarmstartConfig(**kwargs)
-
-
-def config_to_mapping(config: WarmstartConfig) -> dict[str, Any]:
-    """Plain nested dict of the config (what ``warmstart.yaml`` holds)."""
-    return dataclasses.asdict(config)
-
-
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> WarmstartConfig:
-    """The config of a YAML file (defaults if ``path`` is None) with ``key=value`` overrides applied.
-
-    Overrides use dotted keys for the model (``model.hidden_size=64``); values are parsed as YAML scalars.
-    """
-    values: dict[str, Any] = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ValueError(f"warmstart config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, Mapping):
-            raise ValueError(f"warmstart config file {str(path)!r} must hold a mapping of field: value")
-        values = {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in loaded.items()}
-    for item in overrides:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"warmstart override {item!r} must look like key=value (e.g. steps=500)")
-        try:
-            value = yaml.safe_load(raw)
-        except yaml.YAMLError as err:
-            raise ValueError(f"warmstart override {key}: the value is not valid YAML "
-                             f"({str(err).splitlines()[0]})") from err
-        if key.startswith("model."):
-            values.setdefault("model", {})[key.removeprefix("model.")] = value
-        else:
-            values[key] = value
-    return config_from_mapping(values)
-
-
-# Fields added after the first release: left out of the hash at their defaults so that cached models keep their key.
-_HASHED_ONLY_WHEN_SET = {"filler_tokens": 0, "filler_noise": 0.0}
-FILLER_START = 0x4E00  # first CJK unified ideograph: none of them occurs in chain_sum prompts or answers
-
-
-def filler_characters(count: int) -> str:
-    """The ``count`` filler characters of ``filler_tokens``, most frequent (Zipf rank 1) first."""
-    return "".join(chr(FILLER_START + i) for i in range(count))
-
-
-def config_hash(config: WarmstartConfig) -> str:
-    """12 hex digits identifying the weights: the config, the tokenizer's characters and FORMAT_VERSION."""
-    mapping = config_to_mapping(config)
-    for name, default in _HASHED_ONLY_WHEN_SET.items():
-        if mapping[name] == default:
-            del mapping[name]
-    payload = {"format_version": FORMAT_VERSION, "characters": DEFAULT_CHARACTERS, "config": mapping}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:12]
-
-
-def default_model_dir(config: WarmstartConfig) -> Path:
-    """``$DGG_CACHE/models/warmstart-<hash12>`` if ``DGG_CACHE`` is set, else ``runs/models/warmstart-<hash12>``
-    relative to the working directory."""
-    root = Path(os.environ["DGG_CACHE"]) / "models" if os.environ.get("DGG_CACHE") else Path("runs") / "models"
-    return root / f"warmstart-{config_hash(config)}"
-
-
 # ---------------------------------------------------------------------------------------------- data
-
-
-@dataclass(frozen=True)
-class Problem:
-    """One chain_sum problem in the RL task's bare format."""
-
-    prompt: str
-    """The expression without spaces followed by '=', e.g. '57-8='."""
-    answer: str
-    """The exact answer, e.g. '49'."""
 
 
 def bare_prompt(expression: str) -> str:
@@ -278,7 +68,7 @@ def generate_problems(config: WarmstartConfig, seed: int, size: int) -> list[Pro
         TASK_NAME, seed=seed, size=size, min_terms=config.min_terms, max_terms=config.max_terms,
         min_digits=config.min_digits, max_digits=config.max_digits,
     )
-    return [Problem(bare_prompt(item["metadata"]["expression"]), item["answer"]) for item in dataset]
+    return [Problem(bare_prompt(item["metadata"]["expression"]), item["answer"], {}) for item in dataset]
 
 
 def rl_test_problems(config: WarmstartConfig) -> list[Problem]:
@@ -289,7 +79,7 @@ def rl_test_problems(config: WarmstartConfig) -> list[Problem]:
                "max_digits": config.max_digits}
     task = make_task(TaskConfig(name=TASK_NAME, options=options, prompt_format="bare", seed=config.heldout_seed,
                                 test_size=config.heldout_size))
-    return [Problem(p.prompt, p.answer) for p in (task.problem("test", i) for i in range(config.heldout_size))]
+    return [task.problem("test", i) for i in range(config.heldout_size)]
 
 
 def split_train_heldout(config: WarmstartConfig) -> tuple[list[Problem], list[Problem], float]:
@@ -367,70 +157,33 @@ def learning_rate_at(step: int, config: WarmstartConfig) -> float:
     return config.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-# ---------------------------------------------------------------------------------------------- sampling
-
-
-def sample_completions(model, tokenizer, prompts: Sequence[str], temperature: float, max_new_tokens: int, generator):
-    """Sample completions token by token (temperature 0 = greedy) from the full softmax, no top-k/top-p.
-
-    Returns (completions, chosen_probabilities): the decoded text up to EOS, and for every generated token
-    (EOS included) its probability under the untempered policy π(·|prefix) — π_old at T = 1.
-    Written out rather than via ``generate`` so sampling and the reported probabilities are the same
-    distribution (``generate`` applies top_k=50 unless told otherwise).
-    """
-    import torch
-
-    encoded = tokenizer(list(prompts), add_special_tokens=False, padding=True, return_tensors="pt")
-    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]  # (B, T), left-padded
-    finished = torch.zeros(len(prompts), dtype=torch.bool)
-    generated: list[list[int]] = [[] for _ in prompts]
-    chosen_probabilities: list[float] = []
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids).logits[:, -1]
-            probabilities = torch.softmax(logits.float(), dim=-1)  # (B, V)
-            if temperature == 0:
-                next_ids = probabilities.argmax(-1)
-            else:
-                tempered = torch.softmax(logits.float() / temperature, dim=-1)
-                next_ids = torch.multinomial(tempered, 1, generator=generator).squeeze(-1)
-            for i in torch.nonzero(~finished).flatten().tolist():
-                generated[i].append(int(next_ids[i]))
-                chosen_probabilities.append(float(probabilities[i, next_ids[i]]))
-            finished |= next_ids == tokenizer.eos_token_id
-            next_ids = torch.where(finished & (next_ids != tokenizer.eos_token_id), tokenizer.pad_token_id, next_ids)
-            input_ids = torch.cat([input_ids, next_ids[:, None]], dim=1)
-            attention_mask = torch.cat([attention_mask, torch.ones_like(next_ids)[:, None]], dim=1)
-            if bool(finished.all()):
-                break
-    completions = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-    return completions, chosen_probabilities
+# ---------------------------------------------------------------------------------------------- the check
 
 
 def evaluate_accuracy(model, tokenizer, problems: Sequence[Problem], temperature: float, max_new_tokens: int,
                       n_samples: int = 1, seed: int = 0) -> dict[str, float]:
-    """Exact-match accuracy of completions (text before EOS equals the answer), with token statistics.
+    """Exact-match accuracy of ``n_samples`` completions per problem (temperature 0: greedy),
+    sampled as the trainer samples (:func:`dgg.rollout.sample_rollouts`, full softmax), with token statistics.
 
-    Returns ``accuracy``, ``mean_chosen_probability`` (mean π of the generated tokens),
-    ``fraction_chosen_below_0.05`` (share of generated tokens with π < 0.05, the tail whose importance ratios
-    inflate under reuse) and ``mean_completion_tokens``.
+    Returns ``accuracy``, ``mean_chosen_probability`` (mean π of the generated tokens, EOS included, under the
+    untempered policy: π_old at T = 1), ``fraction_chosen_below_0.05`` (share of generated tokens with
+    π < 0.05, the tail whose importance ratios inflate under reuse) and ``mean_completion_tokens``.
     """
     import torch
 
-    generator = torch.Generator().manual_seed(seed)
-    prompts = [p.prompt for p in problems for _ in range(n_samples)]
-    answers = [p.answer for p in problems for _ in range(n_samples)]
-    was_training = model.training
-    model.eval()
-    completions, probabilities = sample_completions(model, tokenizer, prompts, temperature, max_new_tokens, generator)
-    model.train(was_training)
-    correct = sum(c.strip() == a for c, a in zip(completions, answers, strict=True))
+    from dgg.rollout import sample_rollouts, score_old_policy
+
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        batch = sample_rollouts(model, tokenizer, list(problems), n_samples, max_new_tokens, temperature)
+    score_old_policy(model, batch, 1.0)
+    probabilities = batch.old_logprobs.exp()[batch.completion_mask > 0]
+    correct = sum(c.strip() == p.answer for c, p in zip(batch.completions, batch.problems, strict=True))
     return {
-        "accuracy": correct / len(prompts),
-        "mean_chosen_probability": sum(probabilities) / len(probabilities),
-        "fraction_chosen_below_0.05": sum(p < 0.05 for p in probabilities) / len(probabilities),
-        "mean_completion_tokens": len(probabilities) / len(prompts),
+        "accuracy": correct / batch.size,
+        "mean_chosen_probability": float(probabilities.mean()),
+        "fraction_chosen_below_0.05": float((probabilities < 0.05).float().mean()),
+        "mean_completion_tokens": probabilities.numel() / batch.size,
     }
 
 

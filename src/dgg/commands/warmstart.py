@@ -20,7 +20,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dgg.warmstart import TORCH_THREADS, load_config, warmstart
+    from dgg.warmstart import TORCH_THREADS, warmstart
+    from dgg.warmstart_config import load_config
 
     try:
         config = load_config(args.config, args.overrides)
