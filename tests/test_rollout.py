@@ -1,8 +1,9 @@
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from dgg.rollout import completion_logprobs, mask_after_eos, sample_rollouts, score_old_policy
+from dgg.rollout import completion_logprobs, mask_after_eos, render_prompt, sample_rollouts, score_old_policy
 from dgg.tasks import Problem
+from dgg.tiny import build_char_tokenizer
 
 
 def test_mask_after_eos_keeps_the_eos_token():
@@ -126,3 +127,22 @@ def test_generation_from_a_shared_prompt_cache_samples_what_plain_generation_sam
         batches.append(sample_rollouts(model, tokenizer, problems, group_size=4, max_new_tokens=5))
     assert batches[0].completions == batches[1].completions
     assert torch.equal(batches[0].input_ids, batches[1].input_ids)
+
+
+class _BosTokenizer:
+    """Encodes like Gemma's tokenizer: every text starts with BOS (id 2) unless told otherwise."""
+
+    bos_token, bos_token_id = "<bos>", 2
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [ord(c) for c in text]
+        return type("Encoded", (), {"input_ids": ([2] if add_special_tokens else []) + ids})()
+
+
+def test_a_bare_prompt_gets_the_bos_that_the_tokenizer_would_have_added_and_only_once():
+    problem = Problem(prompt="4+5=", answer="9", meta={})
+    rendered = render_prompt(_BosTokenizer(), problem, chat=False)
+    assert rendered.prompt == "<bos>4+5=" and rendered.answer == "9"
+    assert render_prompt(_BosTokenizer(), rendered, chat=False).prompt == "<bos>4+5="
+    # a tokenizer that adds no BOS (SmolLM2's, the embedded model's) leaves the prompt as it is
+    assert render_prompt(build_char_tokenizer(), problem, chat=False) is problem

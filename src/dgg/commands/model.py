@@ -20,8 +20,9 @@ def run(args: argparse.Namespace) -> int:
     if args.model_command == "list":
         for spec in models.MODELS.values():
             where = models.model_dir(spec.name) if models.is_fetched(spec.name) else "not fetched"
-            print(f"{spec.name}\n  {spec.summary}\n  source: PyPI {spec.requirement} ({spec.license})\n"
-                  f"  local: {where}")
+            source = " + ".join(part.requirement for part in spec.parts)
+            print(f"{spec.name}\n  {spec.summary}\n  source: PyPI {source} ({spec.license})\n"
+                  + (f"  terms: {spec.terms}\n" if spec.terms else "") + f"  local: {where}")
         print(f"cache: {models.cache_root()} (set DGG_CACHE to move it)")
         return 0
     if args.model_command == "fetch":
