@@ -34,7 +34,7 @@ def has_chat_template(model_dir: str) -> bool:
 
 
 def run_dgg(model_dir: str, prompts: int, group: int, tokens: int, batches: int, precision: str,
-            trl_checkpointing: bool, lr: float) -> dict:
+            trl_checkpointing: bool, lr: float, logprob_chunk: int = 0) -> dict:
     from dgg.config import load_config
     from dgg.trainer import GRPOTrainer
 
@@ -46,6 +46,8 @@ def run_dgg(model_dir: str, prompts: int, group: int, tokens: int, batches: int,
                                   f"train.max_batches={batches}", "reuse.mode=single", "eval.every=0",
                                   "profile.weights_every=0", "output.progress=false", "train.threads=null",
                                   f"train.precision={precision}", f"optim.lr={lr}", *task,
+                                  f"train.logprob_chunk={logprob_chunk}",
+                                  *(["profile.theorem2=false"] if logprob_chunk else []),
                                   f"output.dir={tempfile.mkdtemp(prefix='dgg-vs-trl-')}"])
     trainer = GRPOTrainer(config)
     start = time.perf_counter()
@@ -55,11 +57,12 @@ def run_dgg(model_dir: str, prompts: int, group: int, tokens: int, batches: int,
 
 
 def run_trl(model_dir: str, prompts: int, group: int, tokens: int, batches: int, precision: str,
-            trl_checkpointing: bool, lr: float) -> dict:
+            trl_checkpointing: bool, lr: float, logprob_chunk: int = 0) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
+    from dgg.rollout import leading_bos
     from dgg.tasks import TaskConfig, make_task
 
     chat = has_chat_template(model_dir)
@@ -67,7 +70,9 @@ def run_trl(model_dir: str, prompts: int, group: int, tokens: int, batches: int,
     task = make_task(TaskConfig(name="chain_sum", options=options, prompt_format="instruct" if chat else "bare",
                                 instruction=INSTRUCTION, answer_parser="lenient"))
     rows = [task.problem("train", i) for i in range(prompts * batches)]
-    prompts_column = [[{"role": "user", "content": p.prompt}] for p in rows] if chat else [p.prompt for p in rows]
+    # Bare prompts start with the BOS the tokenizer would add, as dgg's render_prompt gives them (Gemma needs it).
+    bos = leading_bos(AutoTokenizer.from_pretrained(model_dir)) or ""
+    prompts_column = [[{"role": "user", "content": p.prompt}] for p in rows] if chat else [bos + p.prompt for p in rows]
     dataset = Dataset.from_dict({"prompt": prompts_column, "answer": [p.answer for p in rows]})
 
     def reward(completions, answer, **kwargs):
@@ -100,6 +105,8 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-4, help="the same learning rate for both (default: the demo's)")
     parser.add_argument("--trl-gradient-checkpointing", action="store_true",
                         help="keep TRL's default gradient checkpointing (slower; saves memory)")
+    parser.add_argument("--logprob-chunk", type=int, default=0,
+                        help="dgg's train.logprob_chunk (0: full logits, as TRL computes them)")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -113,7 +120,7 @@ def main() -> None:
 
         model_dir = resolve(model_dir)
     shape = (model_dir, args.prompts, args.group, args.tokens, args.batches, args.precision,
-             args.trl_gradient_checkpointing, args.lr)
+             args.trl_gradient_checkpointing, args.lr, args.logprob_chunk)
     results = {"dgg": [], "trl": []}
     for _ in range(args.repeats):
         results["dgg"].append(run_dgg(*shape))
@@ -125,7 +132,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, python {sys.version.split()[0]}")
     print(f"work: {args.batches} batches × {args.prompts} prompts × {args.group} completions, ≤ {args.tokens} "
-          f"tokens, single-use, {args.precision}; median of {args.repeats} interleaved repeats\n")
+          f"tokens, single-use, {args.precision}, dgg's logprob_chunk {args.logprob_chunk}; median of "
+          f"{args.repeats} interleaved repeats\n")
     print("| trainer | completions/s | updates/s | seconds (median) |")
     print("|---|---|---|---|")
     for name, label in (("dgg", "dgg reference trainer"), ("trl", "trl.GRPOTrainer")):
