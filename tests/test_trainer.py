@@ -409,3 +409,18 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, ag
     assert grads[0].keys() == grads[1].keys()
     for name in grads[0]:
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
+
+
+def test_activation_checkpointing_trains_like_the_plain_forward(tiny_model_dir, tmp_path):
+    runs = {}
+    for recompute in (False, True):
+        trainer = make_trainer(tiny_model_dir, tmp_path / f"recompute_{recompute}", "train.max_batches=2",
+                               "reuse.mode=fixed", "reuse.max_reuse=2", "reuse.mini_batches=2",
+                               f"train.activation_checkpointing={str(recompute).lower()}")
+        assert trainer.model.is_activation_checkpointing is recompute
+        trainer.train()
+        runs[recompute] = [r for r in strip_timing(read_metrics(trainer.run_dir)) if r["kind"] == "update"]
+    assert len(runs[False]) == len(runs[True]) == 8
+    for plain, recomputed in zip(runs[False], runs[True], strict=True):
+        assert recomputed["actor/pg_loss"] == pytest.approx(plain["actor/pg_loss"], rel=1e-4, abs=1e-7)
+        assert recomputed["actor/lm_head_grad_energy"] == pytest.approx(plain["actor/lm_head_grad_energy"], rel=1e-3)

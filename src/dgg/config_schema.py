@@ -279,6 +279,10 @@ class TrainConfig:
     again for their gradient). N > 0: N tokens at a time, forward and backward (dgg.chunked_logprobs), so that
     memory no longer grows with tokens × vocabulary, for one more lm_head matmul per token; for a large
     vocabulary (Gemma-3's 262k rows). Needs profile.theorem2=false and profile.energy_split_every=0."""
+    activation_checkpointing: bool = False
+    """Keep only each layer's input in the training forward and recompute the rest in the backward pass (the
+    model's own activation checkpointing), for less memory and about one more forward per update. The training
+    forward then runs each completion's prompt itself instead of sharing it through a key/value cache."""
 
     def __post_init__(self):
         _check(self.logprob_chunk >= 0, "train.logprob_chunk", "an integer >= 0 (0: off)", self.logprob_chunk)

@@ -107,7 +107,8 @@ def completion_logits(model, input_ids: torch.Tensor, attention_mask: torch.Tens
         if not _accepts_logits_to_keep(model):
             logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                            use_cache=False).logits[:, prompt_length - 1:-1]
-        elif (groups := prompt_groups(input_ids[:, :prompt_length], attention_mask[:, :prompt_length])) is None:
+        elif _recomputes_activations(model) or (groups := prompt_groups(input_ids[:, :prompt_length],
+                                                                         attention_mask[:, :prompt_length])) is None:
             logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                            use_cache=False, logits_to_keep=completion_length + 1).logits[:, :-1]
         else:
@@ -158,6 +159,15 @@ def _logits_with_shared_prompts(model, input_ids, attention_mask, positions, pro
     rest = model(input_ids=input_ids[:, prompt_length:-1], attention_mask=attention_mask[:, :-1],
                  position_ids=positions[:, prompt_length:-1], use_cache=True, **{cache_name: cache}).logits
     return torch.cat([first_logits, rest], dim=1)
+
+
+def _recomputes_activations(model) -> bool:
+    """Activation checkpointing is on for this (training) forward: it runs without a key/value cache, so the
+    prompt cannot be shared through one."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag) and model.training
 
 
 def _forward_parameters(model) -> set[str]:

@@ -82,6 +82,9 @@ class GRPOTrainer(Checkpointing):
         if model is None:
             model, tokenizer = load_policy(config.model, weights_from)
         self.model, self.tokenizer = model, tokenizer
+        if config.train.activation_checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
         self.device = next(model.parameters()).device
         self.task = task_for_run(config, tokenizer, task)
         self.chat = getattr(config.task, "prompt_format", "bare") == "chat"
