@@ -8,6 +8,7 @@ import torch
 from dgg.cli import main as cli_main
 from dgg.config import ConfigError, load_config
 from dgg.run_io import load_run_config
+from dgg.tiny import load_tokenizer
 from dgg.trainer import GRPOTrainer
 from trainer_helpers import TINY_RUN, DigitTask, make_trainer, optimizer_snapshot, read_metrics, strip_timing
 
@@ -411,16 +412,34 @@ def test_micro_batches_give_the_full_batch_gradient(tiny_model_dir, tmp_path, ag
         assert torch.allclose(grads[0][name], grads[1][name], atol=1e-6, rtol=1e-4), name
 
 
-def test_activation_checkpointing_trains_like_the_plain_forward(tiny_model_dir, tmp_path):
-    runs = {}
+def test_activation_checkpointing_checkpoints_every_layer_and_trains_like_the_plain_forward(tiny_model_dir, tmp_path):
+    runs, checkpointed = {}, {}
     for recompute in (False, True):
         trainer = make_trainer(tiny_model_dir, tmp_path / f"recompute_{recompute}", "train.max_batches=2",
                                "reuse.mode=fixed", "reuse.max_reuse=2", "reuse.mini_batches=2",
                                f"train.activation_checkpointing={str(recompute).lower()}")
-        assert trainer.model.is_activation_checkpointing is recompute
+        calls = []
+        for layer in trainer.model.model.layers:
+            if recompute:  # count the layers that run through torch's checkpoint in the training forward
+                real = layer._gradient_checkpointing_func
+                layer._gradient_checkpointing_func = lambda *args, real=real: calls.append(1) or real(*args)
         trainer.train()
+        checkpointed[recompute] = len(calls)
         runs[recompute] = [r for r in strip_timing(read_metrics(trainer.run_dir)) if r["kind"] == "update"]
+    layers = len(trainer.model.model.layers)
+    assert checkpointed == {False: 0, True: 8 * layers}  # every layer of every one of the 8 training forwards
     assert len(runs[False]) == len(runs[True]) == 8
     for plain, recomputed in zip(runs[False], runs[True], strict=True):
         assert recomputed["actor/pg_loss"] == pytest.approx(plain["actor/pg_loss"], rel=1e-4, abs=1e-7)
         assert recomputed["actor/lm_head_grad_energy"] == pytest.approx(plain["actor/lm_head_grad_energy"], rel=1e-3)
+
+
+def test_activation_checkpointing_refuses_a_model_whose_dropout_train_mode_would_switch_on(tiny_model_dir,
+                                                                                          tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attention_dropout=0.1)
+    config = load_config(None, [f"model.path={tiny_model_dir}", f"output.dir={tmp_path / 'run'}", *TINY_RUN,
+                                "train.activation_checkpointing=true"])
+    with pytest.raises(ConfigError, match="dropout"):
+        GRPOTrainer(config, model, load_tokenizer(tiny_model_dir), DigitTask())

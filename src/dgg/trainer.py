@@ -82,9 +82,13 @@ class GRPOTrainer(Checkpointing):
         if model is None:
             model, tokenizer = load_policy(config.model, weights_from)
         self.model, self.tokenizer = model, tokenizer
-        if config.train.activation_checkpointing:
+        if config.train.activation_checkpointing:  # transformers checkpoints only in train mode
+            if has_active_dropout(model):
+                raise ConfigError("train.activation_checkpointing trains in train mode, which would switch this "
+                                  "model's dropout on; set its dropout to 0 or turn checkpointing off")
             enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
             enable({"use_reentrant": False})
+            model.train()  # sampling and scoring still switch to eval mode and back
         self.device = next(model.parameters()).device
         self.task = task_for_run(config, tokenizer, task)
         self.chat = getattr(config.task, "prompt_format", "bare") == "chat"
