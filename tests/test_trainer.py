@@ -422,7 +422,7 @@ def test_activation_checkpointing_checkpoints_every_layer_and_trains_like_the_pl
         for layer in trainer.model.model.layers:
             if recompute:  # count the layers that run through torch's checkpoint in the training forward
                 real = layer._gradient_checkpointing_func
-                layer._gradient_checkpointing_func = lambda *args, real=real: calls.append(1) or real(*args)
+                layer._gradient_checkpointing_func = lambda *args, real=real, calls=calls: calls.append(1) or real(*args)
         trainer.train()
         checkpointed[recompute] = len(calls)
         runs[recompute] = [r for r in strip_timing(read_metrics(trainer.run_dir)) if r["kind"] == "update"]
