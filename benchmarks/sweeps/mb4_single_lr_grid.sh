@@ -8,10 +8,12 @@ set -euo pipefail
 SEEDS=${1:-"0 1 2"}
 LRS=${2:-"3e-5 1.5e-5 7.5e-6"}
 DGG=${DGG:-.venv/bin/dgg}
+MINI_BATCHES=${MINI_BATCHES:-4}  # 1: the S1 baseline (benchmarks/sweeps/s1_single_lr_grid.sh)
+NAME=${NAME:-mb4}
 for seed in $SEEDS; do
   for lr in $LRS; do
-    "$DGG" bench reuse-rules -c smollm2_arith --out "runs/bench/mb4-single-lr$lr" --seed-list "$seed" --arms single \
-      rollout.temperature=1.0 optim.lr="$lr" reuse.mini_batches=4 train.max_batches=30 \
+    "$DGG" bench reuse-rules -c smollm2_arith --out "runs/bench/$NAME-single-lr$lr" --seed-list "$seed" --arms single \
+      rollout.temperature=1.0 optim.lr="$lr" reuse.mini_batches="$MINI_BATCHES" train.max_batches=30 \
       eval.problems=128 eval.samples=2 profile.energy_split_every=1 output.progress=false train.threads=1
   done
 done

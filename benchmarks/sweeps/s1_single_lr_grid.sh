@@ -1,17 +1,7 @@
 #!/usr/bin/env bash
-# Issue "Evidence where practitioners reuse", step 1: the single-use S1 baseline (one full-batch update per rollout batch,
-# each sample used once) on an lr grid x2 apart around the bundled 3e-5,
-# at setting D's temperature 1.0, 30 batches, 256 evaluation samples per point.
-# Run from a pinned worktree with its own venv (DEVELOPERS.md); resumable: rerun the same command.
+# Issue "Evidence where practitioners reuse", step 1: the single-use S1 baseline (one full-batch update per
+# rollout batch, each sample used once) on an lr grid x2 apart around the bundled 3e-5; everything else as the
+# S4 grid (mb4_single_lr_grid.sh). Output: runs/bench/s1-single-lr<lr>/. Resumable: rerun the same command.
 #   bash benchmarks/sweeps/s1_single_lr_grid.sh "0 1 2" "3e-5 1.5e-5 6e-5"
 set -euo pipefail
-SEEDS=${1:-"0 1 2"}
-LRS=${2:-"3e-5 1.5e-5 6e-5"}
-DGG=${DGG:-.venv/bin/dgg}
-for seed in $SEEDS; do
-  for lr in $LRS; do
-    "$DGG" bench reuse-rules -c smollm2_arith --out "runs/bench/s1-single-lr$lr" --seed-list "$seed" --arms single \
-      rollout.temperature=1.0 optim.lr="$lr" reuse.mini_batches=1 train.max_batches=30 \
-      eval.problems=128 eval.samples=2 profile.energy_split_every=1 output.progress=false train.threads=1
-  done
-done
+MINI_BATCHES=1 NAME=s1 exec bash "$(dirname "$0")/mb4_single_lr_grid.sh" "${1:-0 1 2}" "${2:-3e-5 1.5e-5 6e-5}"

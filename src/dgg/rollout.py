@@ -7,6 +7,7 @@ columns) followed by the completion (R columns, padded after EOS); the G complet
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import time
@@ -322,8 +323,10 @@ def render_prompt(tokenizer, problem: Problem, chat: bool) -> Problem:
     return Problem(prompt=text, answer=problem.answer, meta=problem.meta)
 
 
+@functools.lru_cache(maxsize=8)
 def leading_bos(tokenizer) -> str | None:
-    """The BOS token's text if the tokenizer puts it before every text it encodes, else None."""
+    """The BOS token's text if the tokenizer puts it before every text it encodes, else None (asked once per
+    tokenizer: render_prompt runs for every prompt of every batch)."""
     bos_id = getattr(tokenizer, "bos_token_id", None)
     if bos_id is None:
         return None
