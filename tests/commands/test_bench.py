@@ -187,3 +187,43 @@ def test_gate_screen_compares_a_reuse_mini_batch_with_the_same_samples_in_pass_o
               for r in updates}
     expected = [energy[(b, 2, rows)] / energy[(b, 1, rows)] for (b, k, rows) in energy if k == 2]
     assert ratios == {2: pytest.approx(expected)} and len(expected) == 4
+
+
+def _write_run(path, accuracies, discard_at=None):
+    """A metrics file with evaluations every 5 batches (64 rollouts a batch) and, optionally, one discarded update."""
+    records = [{"kind": "eval", "batch": 5 * i, "rollouts": 320 * i, "wall_time": 10.0 * i, "eval/accuracy": a}
+               for i, a in enumerate(accuracies)]
+    if discard_at is not None:
+        batch, k, m = discard_at
+        records.insert(1, {"kind": "update", "batch": batch, "reuse_index": k, "mini_batch": m - 1,
+                           "actor/applied": False, "gate/discard": True, "reuse/stop": True,
+                           "gate/reason": "zscore", "reuse/stop_reason": "dgg:zscore"})
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_mb4_report_picks_single_use_on_the_mean_of_all_its_seeds_and_names_where_a_rule_first_acted(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    from mb4_report import report
+
+    singles, arms = tmp_path / "single", tmp_path / "arms"
+    singles.mkdir()
+    arms.mkdir()
+    # lr 1e-5 is best on seed 0 alone (0.6), lr 2e-5 on the mean of seeds 0-2 (0.5 against 0.4); single-use at
+    # 2e-5 first reaches its 0.5 at batch 10.
+    for seed, low in enumerate([0.6, 0.3, 0.3]):
+        _write_run(singles / f"single_lr1e-5_seed{seed}.metrics.jsonl", [0.1, 0.2] + [low] * 5)
+        _write_run(singles / f"single_lr2e-5_seed{seed}.metrics.jsonl", [0.1, 0.2] + [0.5] * 5)
+    (singles / "single_lr4e-5_seed0.partial12.metrics.jsonl").write_text("")  # a stopped run is left out
+    # The arm reaches 0.5 at batch 5 (2×) on seeds 0 and 1, at batch 10 (1×) on seed 2.
+    for seed in (0, 1):
+        _write_run(arms / f"dgg_lr2e-5_seed{seed}.metrics.jsonl", [0.1] + [0.5] * 6, discard_at=(4, 2, 3))
+    text = "\n".join(report([singles], arms))
+    assert "**single at lr 2e-5** (0.500)" in text
+    assert "| dgg | 0 | 0.500 | +0.000 | 2.00× | 2.00× | 0 | batch 4, 2.3 (dgg:zscore) |" in text
+    assert "dgg (lr 2e-5, seeds [0, 1]): smallest rollout speedup 2.00×; goal ≥ 2× on every seed open" in text
+    _write_run(arms / "dgg_lr2e-5_seed2.metrics.jsonl", [0.1, 0.2] + [0.5] * 5)
+    text = "\n".join(report([singles], arms))
+    assert "dgg (lr 2e-5, seeds [0, 1, 2]): smallest rollout speedup 1.00×; goal ≥ 2× on every seed not met." in text
