@@ -278,11 +278,17 @@ class TrainConfig:
     """0: the lm_head computes every completion token's logits at once (tokens × vocabulary floats, and as many
     again for their gradient). N > 0: N tokens at a time, forward and backward (dgg.chunked_logprobs), so that
     memory no longer grows with tokens × vocabulary, for one more lm_head matmul per token; for a large
-    vocabulary (Gemma-3's 262k rows). Needs profile.theorem2=false and profile.energy_split_every=0."""
+    vocabulary (Gemma-3's 262k rows). Needs profile.theorem2=false; profile.energy_split_every then runs the
+    lm_head on the kept tokens once more itself."""
     activation_checkpointing: bool = False
     """Keep only each layer's input in the training forward and recompute the rest in the backward pass (the
     model's own activation checkpointing), for less memory and about one more forward per update. The training
     forward then runs each completion's prompt itself instead of sharing it through a key/value cache."""
+    return_freed_memory: bool = False
+    """Have glibc give freed blocks back to the operating system at once instead of keeping them for later
+    (dgg.host_memory): a SmolLM2 batch's peak resident memory falls by about 0.55 GB, and its wall-clock rises by
+    about a quarter (every large block is mapped afresh; BENCHMARKS.md, "Peak memory of a training batch").
+    Results are unchanged."""
 
     def __post_init__(self):
         _check(self.logprob_chunk >= 0, "train.logprob_chunk", "an integer >= 0 (0: off)", self.logprob_chunk)

@@ -23,6 +23,7 @@ from dgg.agents.episodes import episode_statistics
 from dgg.config import Config, ConfigError, make_objective, save_config
 from dgg.diagnostics import MicroBatchForward, observers_for
 from dgg.evaluation import held_out_accuracy
+from dgg.host_memory import return_freed_memory
 from dgg.loading import has_active_dropout, load_policy
 from dgg.precision import autocast, bf16_warning, machine_threads, resolve_precision
 from dgg.preemption import STOP, stop_signals
@@ -75,6 +76,8 @@ class GRPOTrainer(Checkpointing):
             prepare_fresh_run_dir(self.run_dir, config.output.overwrite)
         if config.train.threads or torch.get_num_threads() > machine_threads():  # never oversubscribe the cores
             torch.set_num_threads(config.train.threads or machine_threads())
+        if config.train.return_freed_memory:
+            return_freed_memory()  # before the model loads: from then on freed blocks go back to the system
         random.seed(config.train.seed)
         torch.manual_seed(config.train.seed)
 
@@ -123,10 +126,10 @@ class GRPOTrainer(Checkpointing):
         self.state = RunState()
         self._clock = time.perf_counter()
         self.observers = observers_for(config, model, self.objective)  # they read the training forward
-        if config.train.logprob_chunk and (self.observers or self.objective.needs_entropy):
-            raise ConfigError("train.logprob_chunk never holds the full logits, which profile.theorem2, "
-                              "profile.energy_split_every and an entropy-based algo.token_credit read; turn those "
-                              "off, or set train.logprob_chunk=0")
+        full_logits = [o for o in self.observers if not o.works_chunked]
+        if config.train.logprob_chunk and (full_logits or self.objective.needs_entropy):
+            raise ConfigError("train.logprob_chunk never holds the full logits, which profile.theorem2 and an "
+                              "entropy-based algo.token_credit read; turn those off, or set train.logprob_chunk=0")
         self._paused_seconds = 0.0  # diagnostic time inside the current tick, kept off the training clock
         self._sampled_ids: list[torch.Tensor] = []
         self._last_checkpoint_time = time.monotonic()
@@ -319,7 +322,7 @@ class GRPOTrainer(Checkpointing):
             old_chunks.append(old_logprobs)
             self._observe(observers, "micro_batch", MicroBatchForward(
                 hidden, logits, batch.input_ids[rows, batch.prompt_length:], logprobs.detach() - old_logprobs,
-                batch.advantages[rows], mask, total_tokens))
+                batch.advantages[rows], mask, total_tokens, self.model.get_output_embeddings()))
             entropy = token_entropy(logits, cfg.rollout.temperature) if self.objective.needs_entropy else None
             del logits, hidden
             loss, extras = self.objective.loss_of(
