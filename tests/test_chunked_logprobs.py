@@ -117,3 +117,37 @@ def test_the_trainer_with_chunks_trains_like_the_full_path(tiny_model_dir, tmp_p
 def test_chunks_with_a_diagnostic_that_reads_the_full_logits_is_a_config_error(tiny_model_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.logprob_chunk.*profile.theorem2"):
         make_trainer(tiny_model_dir, tmp_path, "train.logprob_chunk=8")  # profile.theorem2 defaults to true
+
+
+def test_the_energy_split_under_chunks_runs_the_lm_head_itself_and_matches_the_full_logits(tiny_model_dir, tmp_path):
+    runs = {}
+    for chunk in (0, 3):
+        trainer = make_trainer(tiny_model_dir, tmp_path / f"chunk{chunk}", "train.max_batches=2",
+                               "profile.theorem2=false", "profile.energy_split_every=1", "reuse.mode=fixed",
+                               "reuse.max_reuse=2", "train.micro_batch_size=2", f"train.logprob_chunk={chunk}")
+        trainer.train()
+        runs[chunk] = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "update"]
+    split = [key for key in runs[0][0] if key.startswith("energy/")]
+    assert sorted(split) == ["energy/neg", "energy/neg_share", "energy/pos", "energy/total"]
+    assert any(r["energy/neg"] > 0 for r in runs[3]) and any(r["energy/pos"] > 0 for r in runs[3])
+    for full, chunked in zip(runs[0], runs[3], strict=True):
+        for key in split:
+            assert chunked[key] == pytest.approx(full[key], rel=1e-3, abs=1e-9), key
+        # the split's total is the probe's g_t, computed independently from the .grad of the lm_head
+        assert chunked["energy/total"] == pytest.approx(chunked["actor/lm_head_grad_energy"], rel=1e-3)
+
+
+def test_lm_head_gradient_parts_from_the_head_equals_from_the_logits():
+    from dgg.energy_split import lm_head_gradient_parts
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(5, 11, bias=True)
+    hidden = torch.randn(3, 4, 5)
+    weights = torch.randn(3, 4) * (torch.rand(3, 4) > 0.3)
+    targets, groups = torch.randint(0, 11, (3, 4)), torch.randint(0, 2, (3, 4))
+    with torch.no_grad():
+        from_logits = lm_head_gradient_parts(hidden, head(hidden), targets, weights, groups, 2, 0.7, chunk_tokens=2)
+    from_head = lm_head_gradient_parts(hidden, None, targets, weights, groups, 2, 0.7, chunk_tokens=2, head=head)
+    torch.testing.assert_close(from_head, from_logits)
+    with pytest.raises(ValueError, match="logits or the lm_head"):
+        lm_head_gradient_parts(hidden, None, targets, weights, groups, 2, 0.7)

@@ -1,7 +1,9 @@
 """Diagnostics that read the training forward, behind one small protocol, so the update only feeds them.
 
 An observer says per update attempt whether it watches (``begin``), whether it needs the forward's logits and
-lm_head inputs (``needs_logits``), and whether its time stays off the training clock (``off_clock``); it is fed
+lm_head inputs (``needs_logits``), whether it can do with the lm_head inputs alone when the forward keeps no
+logits (``train.logprob_chunk``: ``works_chunked``), and whether its time stays off the training clock
+(``off_clock``); it is fed
 each micro-batch's forward (:class:`MicroBatchForward`) and returns its metrics once the update's lm_head energy
 is read (``finish``). The two here: the lm_head energy split by the sign of the advantage (dgg.energy_split) and
 Theorem 2 checked live (dgg.theory.LiveTheorem2).
@@ -24,16 +26,18 @@ class MicroBatchForward:
     """What one micro-batch's training forward computed, for observers."""
 
     hidden: torch.Tensor | None  # (N, R, d) lm_head inputs at the completion positions
-    logits: torch.Tensor | None  # (N, R, V) raw logits there
+    logits: torch.Tensor | None  # (N, R, V) raw logits there; None under train.logprob_chunk
     completion_ids: torch.Tensor  # (N, R) sampled tokens
     log_ratio: torch.Tensor  # (N, R) detached log π_θ − log π_old
     advantages: torch.Tensor  # (N,)
     mask: torch.Tensor  # (N, R) active tokens
     total_tokens: float  # T of the whole update attempt
+    head: torch.nn.Module | None = None  # the lm_head, which computes the logits from ``hidden`` when they are None
 
 
 class ForwardObserver(Protocol):
     needs_logits: bool
+    works_chunked: bool
     off_clock: bool
 
     def begin(self, attempt: int) -> bool: ...
@@ -46,7 +50,7 @@ class ForwardObserver(Protocol):
 class EnergySplitObserver:
     """``energy/neg``, ``energy/pos``, ... every ``every`` attempts (``profile.energy_split_every``), off the clock."""
 
-    needs_logits, off_clock = True, True
+    needs_logits, works_chunked, off_clock = True, True, True
 
     def __init__(self, every: int, temperature: float, clip_eps: float, clip_eps_high: float | None):
         self.every, self.temperature, self.clip_eps, self.clip_eps_high = every, temperature, clip_eps, clip_eps_high
@@ -58,7 +62,8 @@ class EnergySplitObserver:
 
     def micro_batch(self, forward: MicroBatchForward) -> None:
         self.split.add(forward.hidden, forward.logits, forward.completion_ids, forward.log_ratio, forward.advantages,
-                       forward.mask, forward.total_tokens, self.temperature, self.clip_eps, self.clip_eps_high)
+                       forward.mask, forward.total_tokens, self.temperature, self.clip_eps, self.clip_eps_high,
+                       forward.head)
 
     def finish(self, energy: float) -> dict[str, float]:
         return self.split.metrics()
@@ -67,7 +72,7 @@ class EnergySplitObserver:
 class Theorem2Observer(LiveTheorem2):
     """Theorem 2 on every attempt (``profile.theorem2``), on the training clock; nothing for a non-finite energy."""
 
-    needs_logits, off_clock = True, False
+    needs_logits, works_chunked, off_clock = True, False, False
 
     def begin(self, attempt: int) -> bool:
         self.reset()

@@ -9,7 +9,9 @@ For the trainer's loss ``L = −(1/T) Σ_i m_i min(r_i Â_i, clip(r_i) Â_i)`` t
 ``G = Σ_i w_i (e_{a_i} − softmax(z_i/τ)) h_iᵀ / τ`` with ``w_i = −λ_i r_i Â_i m_i / T`` (λ_i = 0 where the clip
 removes the token's gradient). Splitting the sum by the sign of Â_i gives ``G = G_neg + G_pos``; each part is one
 (V, d) matrix, accumulated over micro-batches; one softmax per token and one matrix product serve both parts
-(about one lm_head matmul in all). The trainer keeps this diagnostic's time off its training clock.
+(about one lm_head matmul in all). Under ``train.logprob_chunk`` the forward keeps no logits: the split then runs
+the lm_head on the kept tokens' h_i itself, a chunk at a time (one more lm_head matmul). The trainer keeps this
+diagnostic's time off its training clock.
 """
 
 from __future__ import annotations
@@ -31,16 +33,20 @@ def token_gradient_weights(log_ratio: torch.Tensor, advantages: torch.Tensor, ma
 
 
 @torch.no_grad()
-def lm_head_gradient_parts(hidden: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+def lm_head_gradient_parts(hidden: torch.Tensor, logits: torch.Tensor | None, targets: torch.Tensor,
                            weights: torch.Tensor, groups: torch.Tensor, count: int, temperature: float,
-                           chunk_tokens: int = 256) -> torch.Tensor:
+                           chunk_tokens: int = 256, head: torch.nn.Module | None = None) -> torch.Tensor:
     """(count, V, d): for each group g, Σ_{i: groups_i = g} w_i (e_{a_i} − softmax(z_i/τ)) h_iᵀ / τ.
 
     hidden (N, R, d), logits (N, R, V) raw, targets (N, R), weights (N, R), groups (N, R) in [0, count) (tokens
     with w_i = 0 are skipped). Each token's softmax is computed once and one matrix product serves every group:
-    the tokens' w_i h_i / τ sit in their group's block of columns."""
+    the tokens' w_i h_i / τ sit in their group's block of columns. With ``logits`` None the raw logits are
+    ``head(h_i)``, computed ``chunk_tokens`` tokens at a time."""
+    if logits is None and head is None:
+        raise ValueError("lm_head_gradient_parts: pass the logits or the lm_head that computes them")
     keep = weights != 0
-    vocab, width = logits.shape[-1], hidden.shape[-1]
+    vocab = logits.shape[-1] if logits is not None else head.weight.shape[0]
+    width = hidden.shape[-1]
     parts = torch.zeros(vocab, count * width, dtype=torch.float32, device=hidden.device)
     if bool(keep.any()):
         scaled = (weights[keep] / temperature).unsqueeze(1) * hidden[keep].float()  # (M, d): w_i h_i / τ
@@ -48,9 +54,12 @@ def lm_head_gradient_parts(hidden: torch.Tensor, logits: torch.Tensor, targets: 
         columns = groups[keep].long().unsqueeze(1) * width + torch.arange(width, device=hidden.device)
         blocks.scatter_(1, columns, scaled)  # (M, count·d), each row in its group's block
         parts.index_add_(0, targets[keep].long(), blocks)  # the e_{a_i} h_iᵀ terms
-        kept_logits = logits[keep]
+        kept = logits[keep] if logits is not None else hidden[keep]
         for start in range(0, blocks.shape[0], chunk_tokens):
-            probs = torch.softmax(kept_logits[start:start + chunk_tokens].float() / temperature, dim=-1)  # (m, V)
+            raw = kept[start:start + chunk_tokens]
+            if logits is None:
+                raw = head(raw.to(head.weight.dtype))
+            probs = torch.softmax(raw.float() / temperature, dim=-1)  # (m, V)
             parts.sub_(probs.T @ blocks[start:start + chunk_tokens])  # the π_i h_iᵀ terms
     return parts.view(vocab, count, width).transpose(0, 1)
 
@@ -69,12 +78,12 @@ class EnergySplit:
         self.parts: torch.Tensor | None = None  # (2, V, d): G_neg, G_pos
 
     def add(self, hidden, logits, targets, log_ratio, advantages, mask, total_tokens: float, temperature: float,
-            clip_eps: float, clip_eps_high: float | None = None) -> None:
+            clip_eps: float, clip_eps_high: float | None = None, head=None) -> None:
         weights = token_gradient_weights(log_ratio, advantages, mask, total_tokens, clip_eps, clip_eps_high)
         sign = advantages.float().unsqueeze(1).expand_as(weights)
         weights = torch.where(sign != 0, weights, 0.0)
         parts = lm_head_gradient_parts(hidden, logits, targets, weights, (sign > 0).long(), len(PARTS),
-                                       temperature)
+                                       temperature, head=head)
         self.parts = parts if self.parts is None else self.parts.add_(parts)
 
     def metrics(self) -> dict[str, float]:

@@ -196,14 +196,13 @@ def completion_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Te
     ``(logprobs, logits, hidden)``: also the detached float32 raw logits (N, R, V) and the lm_head input
     (N, R, d) at those positions, e.g. for Theorem 2's bound, so that nobody runs the lm_head a second time.
     ``chunk`` > 0 never holds the full logits: the lm_head runs ``chunk`` tokens at a time
-    (:mod:`dgg.chunked_logprobs`); it cannot return them.
+    (:mod:`dgg.chunked_logprobs`); with ``return_logits`` it returns ``(logprobs, None, hidden)``.
     """
     if chunk:
-        if return_logits:
-            raise ValueError("completion_logprobs: return_logits needs the full logits; pass chunk=0")
         with lm_head_bypassed(model) as head:
             hidden = completion_logits(model, input_ids, attention_mask, prompt_length)
-        return chunked_token_logprobs(hidden, head, input_ids[:, prompt_length:], temperature, chunk)
+        logprobs = chunked_token_logprobs(hidden, head, input_ids[:, prompt_length:], temperature, chunk)
+        return (logprobs, None, hidden.detach()) if return_logits else logprobs
     raw, hidden = completion_logits(model, input_ids, attention_mask, prompt_length, return_hidden=True) \
         if return_logits else (completion_logits(model, input_ids, attention_mask, prompt_length), None)
     raw = raw.float()
