@@ -5,11 +5,16 @@
 # pass 1's on the same samples. 30 batches, 256 evaluation samples per point, the energy split logged.
 # Run from a pinned worktree with its own venv (DEVELOPERS.md); resumable: rerun the same command.
 #   bash benchmarks/sweeps/mb4_reuse_arms.sh "0 1 2" "naive dgg_tau0.5 dgg_tau0.1 kl gradnorm naive_m2" 1.5e-5
+# On Gemma-3-270M, at its S4 grid's best lr (CONFIG, TEMPERATURE and NAME as in mb4_single_lr_grid.sh):
+#   CONFIG=gemma3_arith TEMPERATURE=0.7 NAME=gemma3-mb4 bash benchmarks/sweeps/mb4_reuse_arms.sh "0 1 2" "naive dgg_tau0.5 kl gradnorm" LR
 set -euo pipefail
 SEEDS=${1:-"0 1 2"}
 ARMS=${2:-"naive dgg_tau0.5 dgg_tau0.1 kl gradnorm naive_m2"}
 LR=${3:-1.5e-5}
 DGG=${DGG:-.venv/bin/dgg}
+CONFIG=${CONFIG:-smollm2_arith}
+TEMPERATURE=${TEMPERATURE:-1.0}
+NAME=${NAME:-mb4}
 arm_overrides() {
   case "$1" in
     naive) echo "reuse.mode=fixed" ;;
@@ -23,13 +28,13 @@ arm_overrides() {
 }
 for seed in $SEEDS; do
   for arm in $ARMS; do
-    out="runs/mb4-reuse-lr$LR/$arm/seed$seed"
+    out="runs/$NAME-reuse-lr$LR/$arm/seed$seed"
     if [ -f "$out/config.yaml" ]; then
       "$DGG" train --resume "$out" output.progress=false train.threads=1
     else
       # shellcheck disable=SC2046
-      "$DGG" train -c smollm2_arith --output "$out" $(arm_overrides "$arm") reuse.max_reuse=2 \
-        rollout.temperature=1.0 optim.lr="$LR" reuse.mini_batches=4 reuse.mini_batch_order=fixed \
+      "$DGG" train -c "$CONFIG" --output "$out" $(arm_overrides "$arm") reuse.max_reuse=2 \
+        rollout.temperature="$TEMPERATURE" optim.lr="$LR" reuse.mini_batches=4 reuse.mini_batch_order=fixed \
         train.max_batches=30 train.seed="$seed" eval.problems=128 eval.samples=2 profile.energy_split_every=1 \
         output.progress=false train.threads=1
     fi
