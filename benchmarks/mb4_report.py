@@ -192,7 +192,9 @@ def main() -> None:
                         help="directory of single-use runs (repeat for S1 and S4)")
     parser.add_argument("--out", type=Path, help="also write the report to this markdown file")
     parser.add_argument("--weights-figure", type=Path,
-                        help="draw Fig. 1 (weight change per component) for the best single-use and every arm, seed 0")
+                        help="draw Fig. 1 (weight change per component) for the best single-use and --figure-arms")
+    parser.add_argument("--figure-arms", default="naive,dgg_tau0.5,kl", help="comma-separated arms in the figure")
+    parser.add_argument("--figure-seed", type=int, default=0)
     args = parser.parse_args()
     text = "\n".join(report(args.single, args.arms))
     print(text)
@@ -204,11 +206,14 @@ def main() -> None:
         singles: Runs = {}
         for directory in args.single:
             singles.update(load_runs(directory))
-        seeds = sorted({s for by_seed in load_runs(args.arms).values() for s in by_seed})
-        best, _ = best_single_use(singles, seeds)
-        shown = {f"{best[0]} lr {best[1]}": singles[best][seeds[0]]}
-        shown.update({name: by_seed[seeds[0]] for (name, _), by_seed in sorted(load_runs(args.arms).items())
-                      if seeds[0] in by_seed})
+        arms = load_runs(args.arms)
+        best, _ = best_single_use(singles, sorted({s for by_seed in arms.values() for s in by_seed}))
+        seed = args.figure_seed
+        shown = {f"{best[0]} lr {best[1]}, seed {seed}": singles[best][seed]}
+        wanted = args.figure_arms.split(",")
+        shown.update({f"{name}, seed {seed}": by_seed[seed] for (name, _), by_seed in
+                      sorted(arms.items(), key=lambda item: wanted.index(item[0][0]) if item[0][0] in wanted else 0)
+                      if name in wanted and seed in by_seed})
         plot_weight_change(shown, args.weights_figure)
         print(f"\nFigure: {args.weights_figure}")
 
