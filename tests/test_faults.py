@@ -42,7 +42,14 @@ def test_sigterm_or_sigint_at_random_moments_then_resume_equals_a_run_left_alone
     assert report.clean_stops >= 1 and report.clean_stops + report.after_the_end == report.kills, report
 
 
-@pytest.mark.parametrize("failure", [errno.ENOSPC, errno.EROFS])
+# torch.save and safetensors report a full disk as their own errors, not as OSError (seen on a real full disk:
+# "basic_ios::clear: iostream error", then "unexpected pos ..." from torch's zip writer).
+FAILURES = {"ENOSPC": lambda path: OSError(errno.ENOSPC, "No space left on device", str(path)),
+            "EROFS": lambda path: OSError(errno.EROFS, "Read-only file system", str(path)),
+            "torch's own": lambda path: RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos")}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
 def test_a_full_or_read_only_disk_while_checkpointing_keeps_the_previous_checkpoint(tiny_model_dir, tmp_path,
                                                                                      monkeypatch, failure):
     trainer = trainer_for(tiny_model_dir, tmp_path / "run", "train.max_batches=3", "train.checkpoint_every=1")
@@ -50,12 +57,13 @@ def test_a_full_or_read_only_disk_while_checkpointing_keeps_the_previous_checkpo
 
     def save_then_fail(obj, path, *a, **k):
         if trainer.state.batch == 2:  # the second checkpoint dies half-written
-            raise OSError(failure, "injected", str(path))
+            raise FAILURES[failure](path)
         return real_save(obj, path, *a, **k)
 
     monkeypatch.setattr("dgg.run_io.torch.save", save_then_fail)
-    with pytest.raises(OSError):
+    with pytest.raises(OSError, match="could not write a checkpoint .*the previous checkpoint in .* is intact"):
         trainer.train()
+    assert not (tmp_path / "run" / "checkpoint.tmp").exists()  # the partial write does not keep the disk full
     state = torch.load(tmp_path / "run" / "checkpoint" / "trainer_state.pt", weights_only=True)
     assert state["state"]["batch"] == 1  # the last good checkpoint survived
     monkeypatch.setattr("dgg.run_io.torch.save", real_save)
@@ -64,6 +72,20 @@ def test_a_full_or_read_only_disk_while_checkpointing_keeps_the_previous_checkpo
     assert resumed.state.batch == 3
     assert cli_main(["train", "--model", str(tiny_model_dir), "--output", str(tmp_path / "ro"), *RUN,
                      "train.max_batches=1"]) == 0  # and the CLI names an OS error in one line (test_errors.py)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_from_the_cli(tiny_model_dir, tmp_path, monkeypatch,
+                                                                       capsys):
+    def full_disk(obj, path, *a, **k):
+        raise RuntimeError("basic_ios::clear: iostream error")
+
+    monkeypatch.setattr("dgg.run_io.torch.save", full_disk)
+    code = cli_main(["train", "--model", str(tiny_model_dir), "--output", str(tmp_path / "run"), *RUN,
+                     "train.max_batches=1", "train.checkpoint_every=1"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "could not write a checkpoint (RuntimeError: basic_ios::clear: iostream error;" in err[0]
+    assert "no earlier checkpoint exists" in err[0] and "Traceback" not in err[0]
 
 
 @pytest.mark.parametrize("reuse_index", [1, 2])

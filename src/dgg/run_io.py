@@ -4,6 +4,7 @@ may change."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import pickle
@@ -83,20 +84,39 @@ def _json_default(value: Any) -> Any:
 
 
 def write_checkpoint(run_dir: Path, model, tokenizer, state: dict) -> Path:
-    """Weights (safetensors), tokenizer and trainer state into ``checkpoint.tmp``, then renamed over the old one."""
+    """Weights (safetensors), tokenizer and trainer state into ``checkpoint.tmp``, then renamed over the old one.
+
+    A write that fails (a full disk: torch and safetensors report it as their own errors) removes the partial
+    ``checkpoint.tmp`` and raises an OSError that says so, names the disk's free space and leaves the previous
+    checkpoint as it was, for ``--resume`` once there is room."""
     final = run_dir / CHECKPOINT
     tmp, old = final.with_name(CHECKPOINT + ".tmp"), final.with_name(CHECKPOINT + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    torch.save(state, tmp / STATE_FILE)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        torch.save(state, tmp / STATE_FILE)
+    except Exception as err:  # noqa: BLE001 - every writer's failure becomes the one message below
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise checkpoint_write_error(final, err) from err
     if final.exists():
         shutil.rmtree(old, ignore_errors=True)
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def checkpoint_write_error(final: Path, cause: BaseException) -> OSError:
+    free = shutil.disk_usage(final.parent).free / 1e9
+    full = (isinstance(cause, OSError) and cause.errno == errno.ENOSPC) or "No space left" in str(cause) \
+        or free < 1.0
+    kept = f"the previous checkpoint in {final} is intact" if final.exists() else "no earlier checkpoint exists"
+    what = "the disk is full" if full else f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    return OSError(errno.ENOSPC if full else errno.EIO,
+                   f"could not write a checkpoint ({what}; {free:.1f} GB free there); the partial one was removed "
+                   f"and {kept}; make room and resume the run in {final.parent}")
 
 
 def read_trainer_state(directory: Path, device) -> dict:
