@@ -3,6 +3,8 @@ probe that picks a bundled config's task, so that GRPO starts with groups that h
 band: a base accuracy between 0.1 and 0.5).
 
     python benchmarks/probe_base_accuracy.py --model gemma-3-270m --out benchmarks/results/probe_gemma3_270m.json
+    python benchmarks/probe_base_accuracy.py --model gemma-3-270m --variants few-shot --temperatures 0.7 \
+        --problems 128 --samples 2 --out benchmarks/results/probe_gemma3_270m_few_shot.json
 
 Each variant samples ``--samples`` completions of the first ``--problems`` held-out problems with dgg's own
 sampler and scores them with the task's reward, exactly as the trainer's evaluation at batch 0 does.
@@ -23,7 +25,12 @@ VARIANTS = {
     "bare, 1-2 digits": ["task.prompt_format=bare", TWO_DIGITS],
     "instruct, 1-2 digits, lenient": ["task.prompt_format=instruct", TWO_DIGITS, "task.answer_parser=lenient",
                                       "task.instruction=Reply with just the number."],
+    "bare, 1 digit, 2-shot": ["task.prompt_format=bare", ONE_DIGIT, "task.few_shot=2"],
+    "bare, 1 digit, 4-shot": ["task.prompt_format=bare", ONE_DIGIT, "task.few_shot=4"],
+    "bare, 1-2 digits, 8-shot": ["task.prompt_format=bare", TWO_DIGITS, "task.few_shot=8"],
 }
+GROUPS = {"zero-shot": [name for name in VARIANTS if "shot" not in name],
+          "few-shot": [name for name in VARIANTS if "shot" in name]}
 
 
 def main() -> int:
@@ -33,8 +40,14 @@ def main() -> int:
     parser.add_argument("--problems", type=int, default=64)
     parser.add_argument("--samples", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=8)
+    parser.add_argument("--variants", default="all",
+                        help=f"'all', {', '.join(repr(g) for g in GROUPS)}, or comma-separated names of {list(VARIANTS)}")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    names = list(VARIANTS) if args.variants == "all" else GROUPS.get(args.variants, args.variants.split(","))
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)} or {list(GROUPS)}")
 
     import torch
 
@@ -52,7 +65,8 @@ def main() -> int:
     precision = resolve_precision("auto", torch.device("cpu"))
     sampler = HFSampler(model, tokenizer, precision)
     rows = []
-    for name, overrides in VARIANTS.items():
+    for name in names:
+        overrides = VARIANTS[name]
         for temperature in [float(t) for t in args.temperatures.split(",")]:
             config = load_config(None, [f"model.path={args.model}", "task.name=chain_sum", "task.test_size=256",
                                         f"eval.problems={args.problems}", f"eval.samples={args.samples}",

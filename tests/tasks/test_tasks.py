@@ -217,6 +217,9 @@ def test_unknown_task_name_lists_the_valid_ones():
         ({"reward_timeout_s": float("inf")}, "reward_timeout_s"),
         ({"options": {"seed": 3}}, "options"),
         ({"options": ["min_terms"]}, "options"),
+        ({"few_shot": -1}, "few_shot"),
+        ({"few_shot": 65}, "few_shot"),
+        ({"few_shot": True}, "few_shot"),
         ({"name": ""}, "name"),
         ({"name": "math"}, "path"),
         ({"name": "math", "path": "x.jsonl", "question_field": ""}, "question_field"),
@@ -225,6 +228,28 @@ def test_unknown_task_name_lists_the_valid_ones():
 def test_bad_config_fields_are_named(fields, named):
     with pytest.raises(ValueError, match=f"TaskConfig.{named}"):
         TaskConfig(**fields)
+
+
+def test_few_shot_puts_the_same_solved_examples_before_every_expression_and_none_from_the_test_set():
+    plain = make_task(TaskConfig(name="chain_sum", options=SMALL_SUMS, test_size=64, seed=0))
+    shots = make_task(TaskConfig(name="chain_sum", options=SMALL_SUMS, test_size=64, seed=0, few_shot=4))
+    test_expressions = {plain.problem("test", i).prompt for i in range(64)}
+    prefixes = set()
+    for split in ("train", "test"):
+        for index in range(16):
+            problem, bare = shots.problem(split, index), plain.problem(split, index)
+            *examples, question = problem.prompt.split("\n")
+            assert question == bare.prompt and problem.answer == bare.answer  # the problem itself is unchanged
+            assert len(examples) == 4 and problem.meta["few_shot"] == 4
+            for line in examples:
+                expression, answer = line.split("=")
+                assert eval(expression) == int(answer)  # every example is solved correctly
+                assert f"{expression}=" not in test_expressions  # and never a held-out problem
+            prefixes.add("\n".join(examples))
+    assert len(prefixes) == 1  # the same examples for every problem
+    assert shots.reward("7\n3+4=7", "7")[0] == 1.0  # the answer is still the completion's first token
+    with pytest.raises(UserError, match="few_shot needs prompt_format 'bare'"):
+        make_task(TaskConfig(name="chain_sum", prompt_format="instruct", few_shot=2))
 
 
 def test_bad_reasoning_gym_options_are_named():

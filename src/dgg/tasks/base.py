@@ -63,6 +63,10 @@ class TaskConfig:
     plus an instruction saying where to put the final answer (``\\boxed{}`` for math, ``<answer>`` tags for
     reasoning-gym). ``"chat"``: the same text as instruct, with ``meta["chat"] = True`` so the trainer renders
     it through ``tokenizer.apply_chat_template``."""
+    few_shot: int = 0
+    """reasoning-gym ``"bare"`` only: put this many solved examples before each expression, one per line
+    (``"1+3=4\n6-4=2\n9+1="``), so that a base model sees the format it is asked for. The examples are drawn
+    from their own seed, never from the held-out set, and are the same for every problem."""
     instruction: str | None = None
     """instruct/chat only: the sentence after the question that says how to answer. None: the family's default
     (``<answer>`` tags for reasoning-gym, ``\\boxed{}`` for math); e.g. ``"Reply with just the number."``."""
@@ -119,6 +123,8 @@ class TaskConfig:
             raise UserError(
                 f"TaskConfig.answer_parser must be one of {ANSWER_PARSERS} (got {self.answer_parser!r})"
             )
+        if not isinstance(self.few_shot, int) or isinstance(self.few_shot, bool) or not 0 <= self.few_shot <= 64:
+            raise UserError(f"TaskConfig.few_shot must be an integer from 0 to 64 (got {self.few_shot!r})")
         if self.instruction is not None and not isinstance(self.instruction, str):
             raise UserError(f"TaskConfig.instruction must be a string or None (got {self.instruction!r})")
         for name in ("path", "subset", "test_path"):

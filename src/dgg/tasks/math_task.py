@@ -81,6 +81,8 @@ class MathTask:
     def __init__(self, config: TaskConfig, rows_loader: Callable[..., list[dict]] | None = None):
         self.name = MATH_TASK_NAME
         self.config = config
+        if config.few_shot:
+            raise UserError("TaskConfig.few_shot applies to reasoning-gym bare expressions only, not to math")
         self.isolate_reward = True  # math-verify can hang on pathological input
         load = rows_loader or self._load_rows
         train_rows = load(config.path, config.train_split)

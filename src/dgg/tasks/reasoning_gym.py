@@ -87,7 +87,8 @@ class ReasoningGymTask:
             config.name, config.options, seed=derive_seed(config.seed, "test"), size=config.test_size
         )
         self._test_entries = [test_dataset[i] for i in range(config.test_size)]
-        self._test_prompts = frozenset(self._format(entry) for entry in self._test_entries)
+        self._test_prompts = frozenset(self._question(entry) for entry in self._test_entries)
+        self._prefix = self._few_shot_prefix() if config.few_shot else ""
         self._chunks: OrderedDict[int, list[dict]] = OrderedDict()
 
     def __getstate__(self) -> dict:
@@ -112,7 +113,9 @@ class ReasoningGymTask:
             "source_dataset": entry["metadata"].get("source_dataset", self.name),
             "source_index": entry["metadata"].get("source_index"),
         }
-        return Problem(prompt=self._format(entry), answer=str(entry["answer"]), meta=meta)
+        if self.config.few_shot:
+            meta["few_shot"] = self.config.few_shot
+        return Problem(prompt=self._prefix + self._question(entry), answer=str(entry["answer"]), meta=meta)
 
     def reward(self, completion: str, answer: str, problem: Problem | None = None) -> tuple[float, dict]:
         if self.config.prompt_format == "bare":
@@ -131,7 +134,21 @@ class ReasoningGymTask:
         score = float(self._scorer.score_answer(answer=parsed, entry=entry)) if parsed is not None else 0.0
         return min(max(score, 0.0), 1.0), {"parsed": parsed, "correct": score == 1.0}
 
-    def _format(self, entry: dict) -> str:
+    def _few_shot_prefix(self) -> str:
+        """``few_shot`` solved examples, one per line, from their own seed and never from the held-out set."""
+        if self.config.prompt_format != "bare":
+            raise UserError(f"TaskConfig.few_shot needs prompt_format 'bare' (got {self.config.prompt_format!r}): "
+                            "the examples are written as expression=answer lines")
+        size = 4 * self.config.few_shot + 16
+        dataset = _create_reasoning_gym_dataset(self.name, self.config.options,
+                                                seed=derive_seed(self.config.seed, "few-shot"), size=size)
+        shots = [dataset[i] for i in range(size) if self._question(dataset[i]) not in self._test_prompts]
+        if len(shots) < self.config.few_shot:
+            raise UserError(f"TaskConfig.few_shot={self.config.few_shot}: only {len(shots)} of {size} drawn "
+                            f"{self.name} problems fall outside the held-out set; lower few_shot or test_size")
+        return "".join(f"{self._question(entry)}{entry['answer']}\n" for entry in shots[:self.config.few_shot])
+
+    def _question(self, entry: dict) -> str:
         if self.config.prompt_format == "bare":
             return entry["metadata"]["expression"].replace(" ", "") + "="
         instruction = ANSWER_TAG_INSTRUCTION if self.config.instruction is None else self.config.instruction
@@ -161,7 +178,7 @@ class ReasoningGymTask:
             )
             for raw_index in range(TRAIN_CHUNK_SIZE):
                 entry = dataset[raw_index]
-                if self._format(entry) not in self._test_prompts:
+                if self._question(entry) not in self._test_prompts:
                     kept.append(entry)
                     if len(kept) == TRAIN_CHUNK_SIZE:
                         break
