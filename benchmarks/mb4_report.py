@@ -29,8 +29,9 @@ from collections import defaultdict
 from pathlib import Path
 
 from gate_screen import read_records, same_sample_ratios
+from reuse_rules_table import fmt, table1_speedup
 
-from dgg.analysis import converged_accuracy, cost_to_reach, eval_points, speedup
+from dgg.analysis import converged_accuracy, eval_points
 
 RUN_NAME = re.compile(r"(.+)_lr([0-9.e+-]+)_seed(\d+)\.metrics\.jsonl")
 GOAL = 2.0  # the issue's goal: ≥ 2× fewer rollouts than the best single-use, on every seed
@@ -102,10 +103,6 @@ def lm_head_share(records: list[dict]) -> tuple[float, float] | None:
     return (statistics.median(ratios), max(ratios)) if ratios else None
 
 
-def fmt_speedup(value: float | None) -> str:
-    return "never" if value is None else f"{value:.2f}×"
-
-
 def best_single_use(singles: Runs, seeds: list[int]) -> tuple[tuple[str, str], list[str]]:
     """The single-use setting with the highest converged accuracy on the mean of all its seeds, among those
     finished on every seed any single-use setting has, which must include the arms' ``seeds``."""
@@ -130,11 +127,10 @@ def arm_rows(arm: tuple[str, str], by_seed: dict[int, list[dict]], baseline: dic
              ) -> tuple[list[str], list[float | None]]:
     rows, speedups = [], []
     for seed, records in sorted(by_seed.items()):
-        base = baseline[seed]
-        target = converged(base)
-        points, base_points = eval_points(records), eval_points(base)
-        rollouts = speedup(cost_to_reach(base_points, target), cost_to_reach(points, target))
-        clock = speedup(cost_to_reach(base_points, target, "wall_time"), cost_to_reach(points, target, "wall_time"))
+        points, base_points = eval_points(records), eval_points(baseline[seed])
+        accuracy, target = converged(records), converged(baseline[seed])
+        rollouts = table1_speedup(base_points, points)
+        clock = table1_speedup(base_points, points, "wall_time")
         speedups.append(rollouts)
         same = same_sample_ratios(records).get(2, [])
         same_cell = (f"{sum(x > 1 for x in same)} of {len(same)}; {statistics.median(same):.2f} / {max(same):.1f}"
@@ -143,21 +139,27 @@ def arm_rows(arm: tuple[str, str], by_seed: dict[int, list[dict]], baseline: dic
         surges = weight_surges(records)
         share = lm_head_share(records)
         rows.append(
-            f"| {arm[0]} | {seed} | {converged(records):.3f} | {converged(records) - target:+.3f} | "
-            f"{fmt_speedup(rollouts)} | {fmt_speedup(clock)} | {applied_updates(records)} | {first_action(records)} | "
+            f"| {arm[0]} | {seed} | {accuracy:.3f} | {accuracy - target:+.3f} | "
+            f"{fmt(rollouts)} | {fmt(clock)} | {applied_updates(records)} | {first_action(records)} | "
             f"{same_cell} | {' / '.join(f'{v:.2f}' for v in shares.values()) or '—'} | "
             f"{' / '.join(f'{surges[c]:.1f}' for c in COMPONENTS if c in surges) or '—'} | "
             f"{'—' if share is None else f'{share[0]:.2f} / {share[1]:.2f}'} |")
     return rows, speedups
 
 
-def report(single_dirs: list[Path], arms_dir: Path) -> list[str]:
+def load_sweep(single_dirs: list[Path], arms_dir: Path) -> tuple[Runs, Runs]:
+    """The single-use runs of every ``single_dirs`` and the reuse arms' runs."""
     singles: Runs = {}
     for directory in single_dirs:
         singles.update(load_runs(directory))
     arms = load_runs(arms_dir)
     if not arms:
         raise SystemExit(f"mb4_report: no finished run (NAME_lrLR_seedN.metrics.jsonl) in {arms_dir}")
+    return singles, arms
+
+
+def report(singles: Runs, arms: Runs) -> tuple[list[str], tuple[str, str]]:
+    """The report's lines and the best single-use setting (name, lr)."""
     seeds = sorted({s for by_seed in arms.values() for s in by_seed})
     best, lines = best_single_use(singles, seeds)
     baseline = singles[best]
@@ -187,8 +189,8 @@ def report(single_dirs: list[Path], arms_dir: Path) -> list[str]:
         else:
             verdict = "met" if sorted(by_seed) == sorted(baseline) else "open (not every seed finished)"
         verdicts.append(f"- {arm[0]} (lr {arm[1]}, seeds {sorted(by_seed)}): smallest rollout speedup "
-                        f"{fmt_speedup(worst)}; goal ≥ {GOAL:.0f}× on every seed {verdict}.")
-    return [*lines, "", *verdicts]
+                        f"{fmt(worst)}; goal ≥ {GOAL:.0f}× on every seed {verdict}.")
+    return [*lines, "", *verdicts], best
 
 
 def main() -> None:
@@ -202,18 +204,15 @@ def main() -> None:
     parser.add_argument("--figure-arms", default="naive,dgg_tau0.5,kl", help="comma-separated arms in the figure")
     parser.add_argument("--figure-seed", type=int, default=0)
     args = parser.parse_args()
-    text = "\n".join(report(args.single, args.arms))
+    singles, arms = load_sweep(args.single, args.arms)
+    lines, best = report(singles, arms)
+    text = "\n".join(lines)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")
     if args.weights_figure:
         from dgg.plots import plot_weight_change
 
-        singles: Runs = {}
-        for directory in args.single:
-            singles.update(load_runs(directory))
-        arms = load_runs(args.arms)
-        best, _ = best_single_use(singles, sorted({s for by_seed in arms.values() for s in by_seed}))
         seed = args.figure_seed
         shown = {f"{best[0]} lr {best[1]}, seed {seed}": singles[best][seed]}
         wanted = args.figure_arms.split(",")

@@ -206,7 +206,7 @@ def test_mb4_report_picks_single_use_on_the_mean_of_all_its_seeds_and_names_wher
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-    from mb4_report import report
+    from mb4_report import load_sweep, report
 
     singles, arms = tmp_path / "single", tmp_path / "arms"
     singles.mkdir()
@@ -220,11 +220,11 @@ def test_mb4_report_picks_single_use_on_the_mean_of_all_its_seeds_and_names_wher
     # The arm reaches 0.5 at batch 5 (2×) on seeds 0 and 1, at batch 10 (1×) on seed 2.
     for seed in (0, 1):
         _write_run(arms / f"dgg_lr2e-5_seed{seed}.metrics.jsonl", [0.1] + [0.5] * 6, discard_at=(4, 2, 3))
-    text = "\n".join(report([singles], arms))
+    text = "\n".join(report(*load_sweep([singles], arms))[0])
     assert "**single at lr 2e-5** (0.500)" in text
     assert "| dgg | 0 | 0.500 | +0.000 | 2.00× | 2.00× | 0 | batch 4, 2.3 (dgg:zscore) |" in text
     assert "dgg (lr 2e-5, seeds [0, 1]): smallest rollout speedup 2.00×; goal ≥ 2× on every seed open" in text
     _write_run(arms / "dgg_lr2e-5_seed2.metrics.jsonl", [0.1, 0.2] + [0.5] * 5)
-    text = "\n".join(report([singles], arms))
+    text = "\n".join(report(*load_sweep([singles], arms))[0])
     assert "dgg (lr 2e-5, seeds [0, 1, 2]): smallest rollout speedup 1.00×; goal ≥ 2× on every seed not met " \
            "(short on seed 2)." in text
