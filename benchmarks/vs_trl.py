@@ -1,10 +1,12 @@
 """Throughput of dgg's reference trainer against TRL's GRPOTrainer on identical work, in the same run.
 
     python benchmarks/vs_trl.py [--model DIR|NAME] [--batches 20] [--repeats 3] [--threads 2] [--precision bf16]
+                                [--few-shot K]
 
 Same model (default: the embedded default from `dgg warmstart`; a named model such as smollm2-135m-instruct
 is fetched), same task (chain_sum: bare prompts for a model without a chat template, else the chat template
-with "Reply with just the number."), same batch shape (P prompts × G completions, ≤ max_new_tokens,
+with "Reply with just the number."; ``--few-shot K`` puts K solved examples before each bare prompt on both
+sides, as the bundled Gemma config does), same batch shape (P prompts × G completions, ≤ max_new_tokens,
 temperature 1.0), single-use GRPO (one update per generation batch), the same number of updates, no
 evaluation, no checkpoints. Both trainers get the same precision (``--precision bf16``: dgg's
 ``train.precision=bf16``, TRL's ``bf16=True``) and TRL its fastest setting otherwise (gradient checkpointing
@@ -34,13 +36,13 @@ def has_chat_template(model_dir: str) -> bool:
 
 
 def run_dgg(model_dir: str, prompts: int, group: int, tokens: int, batches: int, precision: str,
-            trl_checkpointing: bool, lr: float, logprob_chunk: int = 0) -> dict:
+            trl_checkpointing: bool, lr: float, logprob_chunk: int = 0, few_shot: int = 0) -> dict:
     from dgg.config import load_config
     from dgg.trainer import GRPOTrainer
 
     chat = has_chat_template(model_dir)
     task = ["task.prompt_format=chat", f"task.instruction={INSTRUCTION}", "task.answer_parser=lenient"] if chat \
-        else ["task.prompt_format=bare"]
+        else ["task.prompt_format=bare", f"task.few_shot={few_shot}"]
     config = load_config("demo", [f"model.path={model_dir}", f"rollout.prompts_per_batch={prompts}",
                                   f"rollout.group_size={group}", f"rollout.max_new_tokens={tokens}",
                                   f"train.max_batches={batches}", "reuse.mode=single", "eval.every=0",
@@ -57,7 +59,7 @@ def run_dgg(model_dir: str, prompts: int, group: int, tokens: int, batches: int,
 
 
 def run_trl(model_dir: str, prompts: int, group: int, tokens: int, batches: int, precision: str,
-            trl_checkpointing: bool, lr: float, logprob_chunk: int = 0) -> dict:
+            trl_checkpointing: bool, lr: float, logprob_chunk: int = 0, few_shot: int = 0) -> dict:
     from datasets import Dataset
     from transformers import AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
@@ -68,7 +70,7 @@ def run_trl(model_dir: str, prompts: int, group: int, tokens: int, batches: int,
     chat = has_chat_template(model_dir)
     options = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}
     task = make_task(TaskConfig(name="chain_sum", options=options, prompt_format="instruct" if chat else "bare",
-                                instruction=INSTRUCTION, answer_parser="lenient"))
+                                instruction=INSTRUCTION, answer_parser="lenient", few_shot=0 if chat else few_shot))
     rows = [task.problem("train", i) for i in range(prompts * batches)]
     # Bare prompts start with the BOS the tokenizer would add, as dgg's render_prompt gives them (Gemma needs it).
     bos = leading_bos(AutoTokenizer.from_pretrained(model_dir)) or ""
@@ -107,6 +109,8 @@ def main() -> None:
                         help="keep TRL's default gradient checkpointing (slower; saves memory)")
     parser.add_argument("--logprob-chunk", type=int, default=0,
                         help="dgg's train.logprob_chunk (0: full logits, as TRL computes them)")
+    parser.add_argument("--few-shot", type=int, default=0,
+                        help="solved examples before each bare prompt, on both sides (the bundled Gemma config: 8)")
     parser.add_argument("--json", help="also write the raw results here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -120,7 +124,7 @@ def main() -> None:
 
         model_dir = resolve(model_dir)
     shape = (model_dir, args.prompts, args.group, args.tokens, args.batches, args.precision,
-             args.trl_gradient_checkpointing, args.lr, args.logprob_chunk)
+             args.trl_gradient_checkpointing, args.lr, args.logprob_chunk, args.few_shot)
     results = {"dgg": [], "trl": []}
     for _ in range(args.repeats):
         results["dgg"].append(run_dgg(*shape))
@@ -132,7 +136,8 @@ def main() -> None:
     print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
           f"torch {torch.__version__}, python {sys.version.split()[0]}")
     print(f"work: {args.batches} batches × {args.prompts} prompts × {args.group} completions, ≤ {args.tokens} "
-          f"tokens, single-use, {args.precision}, dgg's logprob_chunk {args.logprob_chunk}; median of "
+          f"tokens, single-use, {args.precision}, dgg's logprob_chunk {args.logprob_chunk}, "
+          f"{args.few_shot} solved examples per prompt; median of "
           f"{args.repeats} interleaved repeats\n")
     print("| trainer | completions/s | updates/s | seconds (median) |")
     print("|---|---|---|---|")
@@ -142,7 +147,8 @@ def main() -> None:
     print(f"\nratio dgg / TRL (completions/s): {rate('dgg', 'completions') / rate('trl', 'completions'):.2f}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+            json.dump({"settings": vars(args), "machine": platform.processor() or platform.machine(),
+                       "date": time.strftime("%Y-%m-%d"), **results}, f, indent=2)
 
 
 if __name__ == "__main__":
