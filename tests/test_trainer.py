@@ -7,6 +7,7 @@ import torch
 
 from dgg.cli import main as cli_main
 from dgg.config import ConfigError, load_config
+from dgg.run_environment import read_environment
 from dgg.run_io import load_run_config
 from dgg.tiny import load_tokenizer
 from dgg.trainer import GRPOTrainer
@@ -118,6 +119,10 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(tiny_model_dir, tm
     assert strip_timing(read_metrics(resumed.run_dir)) == strip_timing(read_metrics(whole.run_dir))
     for (name, p), q in zip(whole.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(p, q), name
+    # each start says where it ran, from which batch: the resumed run's two stretches, the whole run's one
+    assert [line["batches_done"] for line in read_environment(resumed.run_dir)] == [0, 2]
+    assert [line["batches_done"] for line in read_environment(whole.run_dir)] == [0]
+    assert read_environment(resumed.run_dir)[1]["precision"] == resumed.precision
 
 
 def test_bad_config_values_name_the_field(tmp_path):

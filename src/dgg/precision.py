@@ -9,9 +9,10 @@ before anything is reduced over them, and ``.grad`` of a float32 parameter is fl
 from __future__ import annotations
 
 import contextlib
-import os
 
 import torch
+
+from dgg.run_environment import cpu_flags, read_cpuinfo
 
 PRECISIONS = ("fp32", "bf16", "auto")  # auto: bf16 where the hardware multiplies it, else fp32
 
@@ -29,13 +30,8 @@ def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
     """Whether this x86 CPU multiplies bf16 in hardware (avx512_bf16 or AMX); None where /proc/cpuinfo is not
     there to say. Without it, oneDNN emulates bf16: on an avx512 Xeon without avx512_bf16, SmolLM2-135M's
     sampling took 1.95x as long under bf16 autocast as in fp32, and a K = 4 trainer batch 1.19x (BENCHMARKS.md)."""
-    if cpuinfo is None:
-        try:
-            with open("/proc/cpuinfo") as handle:
-                cpuinfo = handle.read()
-        except OSError:
-            return None
-    flags = {flag for line in cpuinfo.splitlines() if line.startswith("flags") for flag in line.split()}
+    cpuinfo = read_cpuinfo() if cpuinfo is None else cpuinfo
+    flags = cpu_flags(cpuinfo)
     if not flags:
         return None
     return bool(flags & {"avx512_bf16", "amx_bf16"})
@@ -56,11 +52,3 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     return "bf16" if device.type == "cpu" and cpu_has_native_bf16() else "fp32"
-
-
-def machine_threads() -> int:
-    """CPU cores this process may run on (its affinity mask), the default for torch's intra-op threads."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1

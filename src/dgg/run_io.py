@@ -135,7 +135,7 @@ def truncate_to(path: Path, offset: int | None) -> None:
 
 
 RUN_FILES = ("metrics.jsonl", "config.yaml", CHECKPOINT, CHECKPOINT + ".old", CHECKPOINT + ".tmp",
-             "reward_errors.jsonl", "tensorboard", "done.json")
+             "reward_errors.jsonl", "tensorboard", "done.json", "environment.jsonl")
 
 
 def prepare_fresh_run_dir(run_dir: Path, overwrite: bool) -> None:

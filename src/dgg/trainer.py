@@ -25,7 +25,7 @@ from dgg.diagnostics import MicroBatchForward, observers_for
 from dgg.evaluation import held_out_accuracy
 from dgg.host_memory import return_freed_memory
 from dgg.loading import has_active_dropout, load_policy
-from dgg.precision import autocast, bf16_warning, machine_threads, resolve_precision
+from dgg.precision import autocast, bf16_warning, resolve_precision
 from dgg.preemption import STOP, stop_signals
 from dgg.probe import LMHeadGradProbe, global_grad_norm
 from dgg.profiler import WeightChangeProfiler
@@ -42,6 +42,7 @@ from dgg.rollout import (
     score_before_updates,
     token_entropy,
 )
+from dgg.run_environment import describe_environment, machine_threads, record_start
 from dgg.run_io import (
     CHECKPOINT,
     MetricsWriter,
@@ -159,6 +160,8 @@ class GRPOTrainer(Checkpointing):
             self._holds_lock = True
         progress = _progress_bar(cfg.train.max_batches, self.state.batch - (self._pending is not None),
                                  cfg.output.progress)
+        record_start(self.run_dir, self.state.batch - (self._pending is not None),
+                     describe_environment(self.device, self.precision))  # where this stretch of the run trains
         self._clock = time.perf_counter()
         try:
             with stop_signals():
