@@ -8,6 +8,7 @@ from dgg.run_environment import (
     cpu_flags,
     cpu_model,
     describe_environment,
+    machine_label,
     read_environment,
     record_start,
     source_commit,
@@ -75,3 +76,12 @@ def test_each_start_appends_a_line_and_earlier_runs_read_as_empty(tmp_path):
     assert [(line["batches_done"], line["cpu"]) for line in lines] == [(0, "A"), (12, "B")]
     assert all(line["started_at"].endswith("+00:00") for line in lines)
     assert (tmp_path / ENVIRONMENT_FILE).read_text().count("\n") == 2
+
+
+def test_the_machine_label_names_the_gpu_or_the_cpu_with_its_bf16_flags():
+    cpu_line = {"cpu": "AMD EPYC", "cpu_flags": ["avx2", "avx512f", "avx512_bf16"], "gpu": None,
+                "precision": "bf16", "threads": 2}
+    assert machine_label(cpu_line) == "AMD EPYC (avx512_bf16), bf16, 2 threads"
+    assert machine_label({**cpu_line, "cpu_flags": ["avx2"], "precision": "fp32", "threads": 1}) == \
+        "AMD EPYC, fp32, 1 thread"
+    assert machine_label({**cpu_line, "gpu": "NVIDIA H100 80GB HBM3"}) == "NVIDIA H100 80GB HBM3, bf16, 2 threads"

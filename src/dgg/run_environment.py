@@ -119,3 +119,14 @@ def read_environment(run_dir: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def machine_label(line: dict) -> str:
+    """What decides a run's speed and samples, in a few words: the processor (and its bf16 flags) or the GPU,
+    the precision and the threads."""
+    where = line.get("gpu") or line.get("cpu", "unknown")
+    flags = [flag for flag in line.get("cpu_flags", []) if "bf16" in flag]
+    if flags and not line.get("gpu"):
+        where += f" ({', '.join(flags)})"
+    threads = line.get("threads")
+    return f"{where}, {line.get('precision', '?')}" + (f", {threads} thread{'s' * (threads != 1)}" if threads else "")

@@ -51,3 +51,36 @@ def test_report_rebuilds_table_one_from_metrics(tmp_path, capsys):
     assert "| KL stop | 0 | 0.300 ± 0.000 | 0.300 | never reached | never reached | 0/1 | 0.0 | 2.0 (kl 2) |" in report
     assert "compare means with care" in report  # single has two seeds, the others one
     assert (out / "fig_accuracy.png").stat().st_size > 0
+
+
+def test_report_says_where_the_runs_trained_and_warns_when_machines_differ(tmp_path):
+    from dgg.run_environment import record_start
+
+    out = tmp_path / "bench"
+    out.mkdir()
+    arms = [{"name": "single", "label": "single-use", "overrides": [], "baseline": "single"},
+            {"name": "fixed_k4", "label": "naive K=4", "overrides": [], "baseline": "single"}]
+    (out / "experiment.json").write_text(json.dumps({"name": "main", "config": "demo", "overrides": [],
+                                                      "seeds": [0], "arms": arms}))
+    _run(out, "single", 0, [0.1, 0.2, 0.3, 0.4, 0.5, 0.5, 0.5, 0.5, 0.5], 10.0)
+    _run(out, "fixed_k4", 0, [0.1, 0.3, 0.5, 0.6, 0.3, 0.2, 0.2, 0.2, 0.2], 30.0, reuse=4)
+    assert cli_main(["report", str(out)]) == 0
+    assert "*Machines:* not recorded" in (out / "report.md").read_text()  # logs from before environment.jsonl
+
+    amx = {"cpu": "Intel Xeon", "cpu_flags": ["avx512f", "avx512_bf16", "amx_bf16"], "gpu": None,
+           "precision": "bf16", "threads": 1}
+    epyc = {**amx, "cpu": "AMD EPYC", "cpu_flags": ["avx512f", "avx512_bf16"]}
+    record_start(out / "single" / "seed0", 0, amx)
+    record_start(out / "fixed_k4" / "seed0", 0, amx)
+    assert cli_main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "*Machines:* every run trained on Intel Xeon (avx512_bf16, amx_bf16), bf16, 1 thread." in report
+
+    record_start(out / "fixed_k4" / "seed0", 4, epyc)  # resumed elsewhere
+    assert cli_main(["report", str(out)]) == 0
+    report = (out / "report.md").read_text()
+    assert "the runs trained on different machines" in report
+    assert ("| fixed_k4/seed0 | Intel Xeon (avx512_bf16, amx_bf16), bf16, 1 thread; AMD EPYC (avx512_bf16), bf16, "
+            "1 thread |") in report
+    machines = json.loads((out / "summary.json").read_text())["machines"]
+    assert machines["single/seed0"] == ["Intel Xeon (avx512_bf16, amx_bf16), bf16, 1 thread"]

@@ -68,6 +68,30 @@ def results_table(arms, aggregated: dict, arm_seeds: dict[str, list[int]]) -> li
     return lines
 
 
+def machines_section(out: Path, arms, arm_seeds: dict[str, list[int]]) -> tuple[list[str], dict[str, list[str]]]:
+    """Where each run trained (its ``environment.jsonl``): one line when every run shared a machine, else a table
+    and a warning, since wall-clock speedups across machines compare the hardware as much as the rule."""
+    from dgg.experiments import run_dir_for
+    from dgg.run_environment import machine_label, read_environment
+
+    machines = {f"{arm.name}/seed{seed}": list(dict.fromkeys(machine_label(line) for line in
+                                                             read_environment(run_dir_for(out, arm, seed))))
+                for arm in arms for seed in arm_seeds[arm.name]}
+    distinct = {label for labels in machines.values() for label in labels}
+    unrecorded = [run for run, labels in machines.items() if not labels]
+    if not distinct:
+        return ["*Machines:* not recorded (these runs predate `environment.jsonl`).", ""], machines
+    if len(distinct) == 1:
+        lines = [f"*Machines:* every run trained on {distinct.pop()}"
+                 + (f", except {len(unrecorded)} run(s) that did not record it" if unrecorded else "") + ".", ""]
+        return lines, machines
+    lines = ["*Machines:* the runs trained on different machines, so their wall-clock speedups compare hardware "
+             "as well as arms, and even a seed's samples differ between them (`environment.jsonl` per run).", "",
+             "| run | machine (each start or resume) |", "|---|---|"]
+    lines += [f"| {run} | {'; '.join(labels) or 'not recorded'} |" for run, labels in machines.items()]
+    return lines + [""], machines
+
+
 def _story_figures(out: Path, arms, records, labels) -> list[str]:
     """Fig. 1 and Fig. 3 analogues (first seed) for single-use, naive reuse and the paper's gate, and the energy
     split when the runs logged it."""
@@ -142,11 +166,12 @@ def build_report(out: Path) -> str:
                 + (" Arms differ in how many seeds they have (column *seeds*): compare means with care." if uneven
                    else ""), ""] if pending else []),
              *results_table(arms, aggregated, arm_seeds)]
-    lines += ["", COLLAPSE_RULE,
-              "", "![accuracy](fig_accuracy.png)", ""]
+    machine_lines, machines = machines_section(out, arms, arm_seeds)
+    lines += ["", COLLAPSE_RULE, "", *machine_lines,
+              "![accuracy](fig_accuracy.png)", ""]
     summary = {"experiment": spec, "seeds_finished": finished, "arms": aggregated,
                "arms_pending": [a.name for a in planned if len(arm_seeds[a.name]) < len(spec["seeds"])],
-               "arm_seeds": arm_seeds}
+               "arm_seeds": arm_seeds, "machines": machines}
 
     reuse_arms = [a for a in arms if not a.name.startswith(BASELINE_ARM)]  # single-use at any lr is no reuse
     if spec["name"] == "reuse-rules":
