@@ -23,6 +23,7 @@ the name are runs stopped part-way and are left out.
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import statistics
 from collections import defaultdict
@@ -32,6 +33,7 @@ from gate_screen import read_records, same_sample_ratios
 from reuse_rules_table import fmt, table1_speedup
 
 from dgg.analysis import converged_accuracy, eval_points
+from dgg.run_environment import machine_label
 
 RUN_NAME = re.compile(r"(.+)_lr([0-9.e+-]+)_seed(\d+)\.metrics\.jsonl")
 GOAL = 2.0  # the issue's goal: ≥ 2× fewer rollouts than the best single-use, on every seed
@@ -51,6 +53,23 @@ def load_runs(directory: Path) -> Runs:
             name, lr, seed = match.groups()
             runs[(name, lr)][int(seed)] = read_records(path)
     return runs
+
+
+def machines_line(directories: list[Path]) -> str:
+    """Which machine each run trained on, from the ``NAME.environment.jsonl`` that benchmarks/harvest_run.py copies
+    beside a run's metrics (runs harvested before dgg wrote it count as not recorded)."""
+    runs: dict[str, list[str]] = defaultdict(list)
+    for directory in directories:
+        for path in sorted(directory.glob("*.metrics.jsonl")):
+            if not RUN_NAME.fullmatch(path.name):
+                continue
+            name = path.name.removesuffix(".metrics.jsonl")
+            sidecar = path.with_name(name + ".environment.jsonl")
+            lines = [json.loads(line) for line in sidecar.read_text().splitlines() if line.strip()] \
+                if sidecar.is_file() else []
+            label = "; then ".join(dict.fromkeys(machine_label(line) for line in lines)) or "not recorded"
+            runs[label].append(name)
+    return "Machines: " + " · ".join(f"{label}: {len(names)} run(s)" for label, names in sorted(runs.items())) + "."
 
 
 def converged(records: list[dict]) -> float:
@@ -206,6 +225,7 @@ def main() -> None:
     args = parser.parse_args()
     singles, arms = load_sweep(args.single, args.arms)
     lines, best = report(singles, arms)
+    lines += ["", machines_line([*args.single, args.arms])]
     text = "\n".join(lines)
     print(text)
     if args.out:
