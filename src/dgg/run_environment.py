@@ -1,8 +1,8 @@
 """Where and on what a run ran: one JSON line in ``environment.jsonl`` each time ``train()`` starts or resumes.
 
 Timings and even samples depend on the machine (bf16 kernels differ between AMX and avx512_bf16 CPUs, so the
-same seed does not draw the same completions), and a resumed run may continue on another machine. The line
-says, with the number of batches done before that start: the CPU model and the flags that decide bf16, the cores and threads,
+same seed does not draw the same completions), and a resumed run may continue on another machine. Each line
+gives the batches done before that start, the CPU model and the flags that decide bf16, the cores and threads,
 the device, the resolved precision, and the versions of Python, torch, transformers and dgg (with the git
 commit of a source checkout, and whether it had uncommitted changes)."""
 
