@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import json
 import shutil
 import sys
 from pathlib import Path
 
-import yaml
+from dgg.analysis import read_metrics
+from dgg.config import load_config
+from dgg.errors import UserError
 
 CHECKPOINT_FOLDERS = ("checkpoint", "checkpoint.old", "checkpoint.tmp")
 
@@ -29,23 +30,13 @@ class HarvestError(Exception):
 
 def last_batch_finished(run_dir: Path) -> int:
     """The run's ``train.max_batches`` once its log holds that batch's update and evaluation; else HarvestError."""
-    config_path, metrics_path = run_dir / "config.yaml", run_dir / "metrics.jsonl"
-    for path in (config_path, metrics_path):
-        if not path.is_file():
-            raise HarvestError(f"{path} does not exist: is {run_dir} a dgg run directory?")
-    wanted = yaml.safe_load(config_path.read_text())["train"]["max_batches"]
-    updated = evaluated = False
-    for number, line in enumerate(metrics_path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            raise HarvestError(f"{metrics_path}, line {number}: not JSON") from None
-        if record.get("batch") == wanted:
-            updated |= record.get("kind") == "update"
-            evaluated |= record.get("kind") == "eval"
-    if not (updated and evaluated):
+    try:
+        records = read_metrics(run_dir)
+        wanted = load_config(run_dir / "config.yaml").train.max_batches
+    except (FileNotFoundError, UserError) as err:
+        raise HarvestError(str(err)) from None
+    kinds = {record.get("kind") for record in records if record.get("batch") == wanted}
+    if not {"update", "eval"} <= kinds:
         raise HarvestError(f"{run_dir} has not finished: no update and evaluation of batch {wanted} "
                            "(train.max_batches) in its metrics.jsonl")
     return wanted

@@ -23,7 +23,6 @@ the name are runs stopped part-way and are left out.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 from collections import defaultdict
@@ -33,7 +32,7 @@ from gate_screen import read_records, same_sample_ratios
 from reuse_rules_table import fmt, table1_speedup
 
 from dgg.analysis import converged_accuracy, eval_points
-from dgg.run_environment import machine_label
+from dgg.run_environment import machine_label, read_environment
 
 RUN_NAME = re.compile(r"(.+)_lr([0-9.e+-]+)_seed(\d+)\.metrics\.jsonl")
 GOAL = 2.0  # the goal: ≥ 2× fewer rollouts than the best single-use, on every seed
@@ -64,9 +63,7 @@ def machines_line(directories: list[Path]) -> str:
             if not RUN_NAME.fullmatch(path.name):
                 continue
             name = path.name.removesuffix(".metrics.jsonl")
-            sidecar = path.with_name(name + ".environment.jsonl")
-            lines = [json.loads(line) for line in sidecar.read_text().splitlines() if line.strip()] \
-                if sidecar.is_file() else []
+            lines = read_environment(path.with_name(name + ".environment.jsonl"))
             label = "; then ".join(dict.fromkeys(machine_label(line) for line in lines)) or "not recorded"
             runs[label].append(name)
     return "Machines: " + " · ".join(f"{label}: {len(names)} run(s)" for label, names in sorted(runs.items())) + "."

@@ -114,8 +114,9 @@ def record_start(run_dir: Path, batches_done: int, environment: dict) -> None:
 
 
 def read_environment(run_dir: Path) -> list[dict]:
-    """Every start of the run in order; [] for a run from before this file existed."""
-    path = Path(run_dir) / ENVIRONMENT_FILE
+    """Every start of the run in order; [] for a run from before this file existed. ``run_dir`` may also be such
+    a file itself (a harvested copy, ``NAME.environment.jsonl``)."""
+    path = Path(run_dir) if str(run_dir).endswith(".jsonl") else Path(run_dir) / ENVIRONMENT_FILE
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
