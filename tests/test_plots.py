@@ -1,6 +1,7 @@
 """Every figure is drawn from metrics records alone, including runs that lack some of the keys."""
 
 import random
+import warnings
 
 import pytest
 
@@ -46,9 +47,11 @@ def test_each_figure_is_written(tmp_path, energy_split):
 
 def test_a_run_without_weights_or_gate_records_still_plots(tmp_path):
     bare = [r for r in synthetic_run(2) if r["kind"] == "eval"]
-    assert plot_accuracy({"single": [bare]}, tmp_path / "acc.png").stat().st_size > 0
-    assert plot_weight_change({"single": bare}, tmp_path / "weights.png").stat().st_size > 0
-    assert plot_gate(bare, 0.5, tmp_path / "gate.png").stat().st_size > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "No artists with labels" warning for a panel with nothing to name
+        assert plot_accuracy({"single": [bare]}, tmp_path / "acc.png").stat().st_size > 0
+        assert plot_weight_change({"single": bare}, tmp_path / "weights.png").stat().st_size > 0
+        assert plot_gate(bare, 0.5, tmp_path / "gate.png").stat().st_size > 0
 
 
 def test_each_band_takes_its_lines_colour(tmp_path, monkeypatch):
@@ -64,3 +67,17 @@ def test_each_band_takes_its_lines_colour(tmp_path, monkeypatch):
         assert len(ax.lines) == len(ax.collections) == 2
         for line, band in zip(ax.lines, ax.collections):
             assert to_rgb(band.get_facecolor()[0]) == to_rgb(line.get_color())
+
+
+def test_signals_legend_names_a_single_use_run_that_logs_no_kl(tmp_path, monkeypatch):
+    # single-use (S4) logs no KL or clip ratio: its legend must still appear, on a panel that has its line
+    import matplotlib.pyplot as plt
+
+    kept = []
+    monkeypatch.setattr(plt, "close", kept.append)
+    run = [{k: v for k, v in r.items() if k not in ("actor/kl", "actor/clip_ratio")} for r in synthetic_run(7, reuse=1)]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns "No artists with labels" on an empty legend
+        plot_signals({"single": run}, tmp_path / "signals.png", {"single": "S4"})
+    legends = [ax.get_legend() for ax in kept[0].axes if ax.get_legend() is not None]
+    assert [text.get_text() for legend in legends for text in legend.get_texts()] == ["S4"]

@@ -80,6 +80,13 @@ def _onset_rollouts(records: list[dict]) -> int | None:
     return onset.rollouts if onset else None
 
 
+def _legend_on_first_named(axes) -> None:
+    """A legend on the first panel that has a labelled line, none where no panel has one."""
+    named = next((ax for ax in axes if ax.get_legend_handles_labels()[0]), None)
+    if named is not None:
+        named.legend(fontsize=8)
+
+
 def plot_weight_change(arms: dict[str, list[dict]], out: Path, labels: dict[str, str] | None = None) -> Path:
     """Fig. 1: relative weight change ‖W_t − W_{t−Δ}‖_F / ‖W_ref‖_F per component, one panel per arm."""
     plt = _pyplot()
@@ -99,7 +106,7 @@ def plot_weight_change(arms: dict[str, list[dict]], out: Path, labels: dict[str,
         ax.set_xlabel("rollouts")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("relative weight change per Δ updates")
-    axes[0][0].legend(fontsize=8)
+    _legend_on_first_named(axes[0])  # a run without weight records has nothing to name
     fig.tight_layout()
     fig.savefig(out, dpi=120)
     plt.close(fig)
@@ -133,7 +140,7 @@ def plot_signals(arms: dict[str, list[dict]], out: Path, labels: dict[str, str] 
     energy = axes[-1]
     if all(min(line.get_ydata()) > 0 for line in energy.get_lines() if len(line.get_ydata())):
         energy.set_yscale("log")  # the energy spans decades
-    axes[0].legend(fontsize=8)
+    _legend_on_first_named(axes)  # single-use logs no KL or clip ratio: its lines start in a later panel
     fig.suptitle("Monitoring signals per update attempt (dashed: onset of degradation of a collapsed run)",
                  fontsize=10)
     fig.tight_layout()
