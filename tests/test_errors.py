@@ -92,6 +92,14 @@ def test_a_malformed_experiment_file_is_named(tmp_path, capsys, text, expected):
     one_line_error(capsys, ["report", str(tmp_path)], str(tmp_path / "experiment.json"), expected)
 
 
+def test_bench_names_a_torn_experiment_file_and_leaves_it_for_the_user(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "experiment.json").write_text("")  # what a crash mid-write left before writes were atomic
+    one_line_error(capsys, ["bench", "main", "--seeds", "1", "--out", str(tmp_path), f"model.path={tiny_model_dir}"],
+                   str(tmp_path / "experiment.json"), "not valid JSON")
+    assert (tmp_path / "experiment.json").read_text() == ""
+    assert not (tmp_path / "single").exists()  # nothing trained
+
+
 def test_metrics_with_bad_bytes_name_the_file_and_a_torn_last_line_is_dropped(tmp_path, capsys):
     from dgg.analysis import read_metrics
 

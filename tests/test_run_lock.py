@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
+import threading
 import time
 
 from dgg.cli import main as cli_main
-from dgg.run_lock import holder, try_lock, unlock
+from dgg.run_lock import holder, shared_files, try_lock, unlock
 from fault_harness import RUN, deterministic, read_records
 
 
@@ -74,3 +75,26 @@ def test_two_launches_racing_on_one_directory_run_exactly_once(tiny_model_dir, t
     assert "is in use by another run (PID" in results[1][1]
     assert deterministic(read_records(run_dir)) == deterministic(read_records(tmp_path / "alone"))
 
+
+
+def test_shared_files_makes_a_second_process_wait_until_the_first_is_done(tmp_path):
+    process = subprocess.Popen([sys.executable, "-c", (
+        "import sys; from pathlib import Path; from dgg.run_lock import shared_files\n"
+        f"with shared_files(Path({str(tmp_path)!r})):\n"
+        "    print('holding', flush=True); sys.stdin.readline()")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        text=True)
+    assert process.stdout.readline().strip() == "holding"
+    entered = threading.Event()
+
+    def wait_for_turn():
+        with shared_files(tmp_path):
+            entered.set()
+
+    waiter = threading.Thread(target=wait_for_turn, daemon=True)
+    waiter.start()
+    assert not entered.wait(1.0)  # the other process holds the files
+    process.stdin.write("done\n")
+    process.stdin.flush()
+    assert process.wait(timeout=30) == 0
+    assert entered.wait(10.0)  # its turn came as soon as the holder left
+    waiter.join(timeout=10)

@@ -19,12 +19,15 @@ from dgg.analysis import (
     read_metrics,
     summary_dict,
 )
+from dgg.atomic_write import write_text_atomic
 from dgg.config import load_config
+from dgg.errors import UserError, read_json_file
 from dgg.preemption import STOP, RunStopped, stop_requested
-from dgg.run_lock import held
+from dgg.run_lock import held, shared_files
 
 log = logging.getLogger("dgg.experiments")
 DONE = "done.json"
+EXPERIMENT = "experiment.json"
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,23 @@ def reuse_arms(max_reuse: int, tau: float, with_reuse_window: bool = False) -> l
                         ("reuse.mode=dgg", f"reuse.max_reuse={max_reuse}", f"reuse.tau={tau}",
                          "reuse.history=reuse")))
     return arms
+
+
+def record_experiment(out: Path, spec: dict, seeds: list[int]) -> dict:
+    """Write ``OUT/experiment.json``: ``spec`` with ``seeds`` added to those already recorded, so that a run of
+    fewer seeds or arms widens the record and never narrows it (the report covers every run). Two ``dgg bench``
+    launches on one --out take turns here, and the file is replaced whole: neither reads the other's half-written
+    file or loses its seeds."""
+    path = out / EXPERIMENT
+    with shared_files(out):
+        recorded = read_json_file(path, "experiment file") if path.is_file() else {}
+        before = recorded.get("seeds", []) if isinstance(recorded, dict) else None
+        if not isinstance(before, list) or not all(isinstance(s, int) and s >= 0 for s in before):
+            raise UserError(f"experiment file {path} is not one `dgg bench` wrote (its seeds must be a list of "
+                            "integers >= 0); move it away and rerun")
+        spec = {**spec, "seeds": sorted({*before, *seeds})}
+        write_text_atomic(path, json.dumps(spec, indent=2))
+    return spec
 
 
 def run_dir_for(out: Path, arm: Arm, seed: int) -> Path:

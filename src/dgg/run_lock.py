@@ -4,6 +4,9 @@ The kernel drops an ``flock`` when its holder exits, however it exits (kill -9 i
 stale. The lock file also records who holds it (PID and command line), so that a refused launch can name them.
 The lock is re-entrant within one process: ``dgg bench`` takes it for an arm, and the trainer it starts inside
 that arm takes it again without deadlocking on itself.
+
+Files that several runs share (a ``dgg bench`` directory's experiment.json and report) have a second, short lock,
+:func:`shared_files`, which waits its turn instead of refusing.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from pathlib import Path
 from dgg.errors import UserError
 
 LOCK_FILE = ".running.lock"
+SHARED_LOCK_FILE = ".shared.lock"
 
 _held: dict[Path, list] = {}  # resolved run dir -> [open lock file, depth]
 
@@ -89,3 +93,19 @@ def held(run_dir: Path) -> Iterator[bool]:
     finally:
         if mine:
             unlock(run_dir)
+
+
+@contextmanager
+def shared_files(directory: Path) -> Iterator[None]:
+    """``with shared_files(d):`` this process alone reads and rewrites the files that runs in ``d`` share; another
+    process (a second ``dgg bench`` on the same --out) waits here until the holder leaves the block."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): nothing to enforce
+        yield
+        return
+    with open(directory / SHARED_LOCK_FILE, "a", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes, or when the process dies
+        yield

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
@@ -54,7 +53,7 @@ def parse_seed_list(spec: str) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     from dgg.commands.report import build_report
     from dgg.config import load_config
-    from dgg.experiments import EXPERIMENTS, run_arm
+    from dgg.experiments import EXPERIMENTS, record_experiment, run_arm
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.name not in EXPERIMENTS:
@@ -84,15 +83,10 @@ def run(args: argparse.Namespace) -> int:
         print(f"dgg bench: error: --arms {args.arms!r} names an arm {args.name} does not have; "
               f"its arms are: {names}", file=sys.stderr)
         return 2
-    out.mkdir(parents=True, exist_ok=True)
-    previous = out / "experiment.json"
-    # A partial run (--arms, fewer seeds) widens the record, never narrows it: the report covers all runs.
-    recorded = json.loads(previous.read_text()).get("seeds", []) if previous.is_file() else []
-    previous.write_text(json.dumps({
+    record_experiment(out, {
         "name": args.name, "config": str(args.config), "overrides": overrides,
-        "seeds": sorted({*recorded, *seeds}),
         "arms": [{"name": a.name, "label": a.label, "overrides": list(a.overrides), "baseline": a.baseline}
-                 for a in arms]}, indent=2))
+                 for a in arms]}, seeds)
     total = len(selected) * len(seeds)
     for i, (seed, arm) in enumerate(((s, a) for s in seeds for a in selected), 1):
         print(f"[{i}/{total}] {arm.label}, seed {seed}", flush=True)

@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
 
 def write_report(out: Path, arms, seeds: list[int], config) -> dict:
     from dgg.analysis import BASELINE_ARM
+    from dgg.atomic_write import write_text_atomic
     from dgg.experiments import aggregate, summarise
     from dgg.plots import plot_accuracy, plot_gate, plot_signals, plot_weight_change
 
@@ -102,11 +103,11 @@ def write_report(out: Path, arms, seeds: list[int], config) -> dict:
         },
         "figures": {k: str(v.name) for k, v in figures.items()},
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     from dgg.commands.report import results_table
 
     table = results_table(arms, aggregated, {a.name: seeds for a in arms})
-    (out / "report.md").write_text(render_report(summary, config, table))
+    write_text_atomic(out / "report.md", render_report(summary, config, table))
     return summary
 
 

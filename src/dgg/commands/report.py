@@ -112,7 +112,18 @@ def _story_figures(out: Path, arms, records, labels) -> list[str]:
 
 
 def build_report(out: Path) -> str:
-    """Write report.md, summary.json and figures for a benchmark directory; return the Markdown."""
+    """Write report.md, summary.json and figures for a benchmark directory; return the Markdown. Two processes
+    reporting on one directory (two ``dgg bench`` launches finishing together) take turns."""
+    from dgg.errors import UserError
+    from dgg.run_lock import shared_files
+
+    if not (out / "experiment.json").is_file():  # checked before the lock, which would create the directory
+        raise UserError(f"{out / 'experiment.json'} does not exist: is {out} a `dgg bench` directory?")
+    with shared_files(out):
+        return _build_report(out)
+
+
+def _build_report(out: Path) -> str:
     from dgg.analysis import (
         BASELINE_ARM,
         COLLAPSE_RULE,
@@ -121,14 +132,13 @@ def build_report(out: Path) -> str:
         eval_points,
         signal_firings,
     )
+    from dgg.atomic_write import write_text_atomic
     from dgg.config import load_config
     from dgg.errors import UserError, read_json_file
     from dgg.experiments import Arm, aggregate, run_dir_for, summarise
     from dgg.plots import plot_accuracy, plot_signals
 
     spec_path = out / "experiment.json"
-    if not spec_path.is_file():
-        raise UserError(f"{spec_path} does not exist: is {out} a `dgg bench` directory?")
     spec = read_json_file(spec_path, "experiment file")
     try:
         planned = [Arm(a["name"], a["label"], tuple(a["overrides"]), a["baseline"]) for a in spec["arms"]]
@@ -199,7 +209,7 @@ def build_report(out: Path) -> str:
         lines += ["", "![signals](fig_signals.png)", ""]
         summary["signal_firings"] = firings
 
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     text = "\n".join(lines)
-    (out / "report.md").write_text(text)
+    write_text_atomic(out / "report.md", text)
     return text
