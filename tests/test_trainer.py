@@ -258,6 +258,34 @@ def test_each_update_logs_its_mini_batch_and_a_fixed_order_repeats_pass_one(tiny
         load_config(None, ["reuse.mini_batch_order=sorted"])
 
 
+@pytest.mark.parametrize("fresh_drop, expected", [
+    # end_batch: the drop on pass 1's first mini-batch ends the batch, its other fresh mini-batch unused.
+    ("end_batch", [(1, 0, False)]),
+    # skip_step: that step alone is dropped; pass 1's second mini-batch and pass 2 train.
+    ("skip_step", [(1, 0, False), (1, 1, True), (2, 0, True), (2, 1, True)]),
+])
+def test_a_drop_on_fresh_data_ends_the_batch_or_skips_only_that_step(tiny_model_dir, tmp_path, monkeypatch,
+                                                                     fresh_drop, expected):
+    trainer = make_trainer(tiny_model_dir, tmp_path, "reuse.mode=fixed", "reuse.max_reuse=2",
+                           "reuse.mini_batches=2", f"reuse.fresh_drop={fresh_drop}", "eval.every=0")
+    decide, attempts = trainer.controller.decide, []
+
+    def first_gradient_non_finite(reuse_index, energy, grad_norm=None):
+        attempts.append(1)
+        return decide(reuse_index, math.nan if len(attempts) == 1 else energy, grad_norm)
+
+    monkeypatch.setattr(trainer.controller, "decide", first_gradient_non_finite)
+    batch = trainer.collect_rollouts()
+    assert trainer.reuse(batch) == (0 if fresh_drop == "end_batch" else 2)
+    updates = [r for r in read_metrics(trainer.run_dir) if r["kind"] == "update"]
+    assert [(r["reuse_index"], r["mini_batch"], r["actor/applied"]) for r in updates] == expected
+    assert updates[0]["reuse/stop_reason"] == "non_finite_grad"
+    assert updates[0]["reuse/step_skipped"] is (fresh_drop == "skip_step")
+    assert trainer.state.updates == len(expected) - 1
+    with pytest.raises(ConfigError, match="reuse.fresh_drop"):
+        load_config(None, ["reuse.fresh_drop=skip_batch"])
+
+
 def test_bf16_autocast_trains_with_float32_state_and_close_energies(tiny_model_dir, tmp_path):
     """bf16 runs the matmuls in bfloat16; weights, grads, AdamW state and the gate's energy stay float32, and
     the energy of the same update is within 5 % of fp32's (measured: under 1 % here, 4 % on SmolLM2)."""

@@ -69,6 +69,7 @@ def test_settings_come_from_named_environment_variables():
     ({"DGG_WINDOW": "2.5"}, "DGG_WINDOW='2.5' is not a valid int"),
     ({"DGG_RULE": "kl"}, "needs DGG_KL_ESTIMATOR=k1"),
     ({"DGG_RULE": "m2"}, "valid under verl: dgg, kl, clip, nosignal, gradnorm, none"),
+    ({"DGG_FRESH_DROP": "skip"}, "DGG_FRESH_DROP: fresh_drop must be one of end_batch, skip_step"),
 ])
 def test_bad_settings_name_the_variable(environ, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -139,6 +140,28 @@ def test_a_drop_happens_before_the_optimizer_and_ends_reuse_of_the_batch(tiny_mo
     assert worker.engine.lr_scheduler.last_epoch == 2 and metrics["lr"] == [worker.engine.lr_scheduler.get_last_lr()[0]]
     assert any(not torch.equal(state_before[n], v) for n, v in full_state(worker).items())  # k = 1 did train
     assert worker.dgg_rule.state_dict()["stops_by_reason"] == {"dgg:zscore": 2}
+
+
+@pytest.mark.parametrize("fresh_drop", ["end_batch", "skip_step"])
+def test_a_drop_on_a_fresh_mini_batch_ends_the_batch_or_skips_that_step_alone(tiny_model_dir, fresh_drop):
+    worker = build_worker(tiny_model_dir, DGGTrainingWorker, rule_spec="none",
+                          settings=RuleSettings(fresh_drop=fresh_drop))
+    decide, calls = worker.dgg_controller.decide, []
+
+    def first_gradient_non_finite(reuse_index, energy, grad_norm=None):
+        calls.append(1)
+        return decide(reuse_index, float("nan") if len(calls) == 1 else energy, grad_norm)
+
+    worker.dgg_controller.decide = first_gradient_non_finite
+    metrics = _train(worker, 1)[0]
+    if fresh_drop == "end_batch":  # the batch's other fresh mini-batch and its reuse pass never run
+        assert metrics["reuse_index"] == [1] and metrics["actor/applied"] == [0.0]
+        assert metrics["reuse/skipped"] == [1.0, 1.0, 1.0]
+    else:  # only the first step is dropped
+        assert metrics["reuse_index"] == [1, 1, 2, 2] and metrics["actor/applied"] == [0.0, 1.0, 1.0, 1.0]
+        assert metrics["reuse/step_skipped"] == [1.0, 0.0, 0.0, 0.0] and "reuse/skipped" not in metrics
+    adam = _adam(worker)  # AdamW took a step for each applied update only
+    assert (int(adam[0][0]) if adam else 0) == (0 if fresh_drop == "end_batch" else 3)
 
 
 def test_a_dropped_step_leaves_adam_bit_identical(tiny_model_dir):

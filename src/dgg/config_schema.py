@@ -12,6 +12,7 @@ from typing import Any
 from dgg.errors import UserError
 from dgg.gate import check_gate_settings
 from dgg.precision import PRECISIONS
+from dgg.reuse.controller import FRESH_DROPS
 from dgg.reuse_rules import KL_STOP_SIGNALS, RuleSettings, parse_rule_names
 from dgg.tasks import TaskConfig
 
@@ -210,6 +211,11 @@ class ReuseConfig:
     gradnorm_sigma: float = 6.0
     """gradnorm rule: drop a step whose norm is more than this many standard deviations from the window's mean
     (OLMo-core's sigma_factor, default 6)."""
+    fresh_drop: str = "end_batch"
+    """What a drop on fresh data (k = 1: any mini-batch of a batch's first pass) does, for the rules that drop
+    there (``gradnorm``, ``nosignal``, a non-finite gradient): ``end_batch`` ends the batch, as Algorithm 1
+    reads, so its remaining fresh mini-batches go unused; ``skip_step`` drops that step alone and trains on the
+    rest, as OLMo-core's step skip does. A drop during reuse (k > 1) always ends the batch."""
 
     def __post_init__(self):
         _check(self.mode in REUSE_MODES, "reuse.mode", f"one of {REUSE_MODES}", self.mode)
@@ -236,6 +242,7 @@ class ReuseConfig:
         _check(isinstance(self.gradnorm_window, int) and self.gradnorm_window >= 19, "reuse.gradnorm_window",
                "an integer >= 19 (the test needs 20 norms, the current one included)", self.gradnorm_window)
         _check(self.gradnorm_sigma > 0, "reuse.gradnorm_sigma", "> 0", self.gradnorm_sigma)
+        _check(self.fresh_drop in FRESH_DROPS, "reuse.fresh_drop", " or ".join(FRESH_DROPS), self.fresh_drop)
 
     @property
     def rule_spec(self) -> str:
@@ -246,7 +253,8 @@ class ReuseConfig:
         return RuleSettings(tau=self.tau, window=self.window, history=self.history, target_kl=self.target_kl,
                             kl_estimator=self.kl_estimator, target_clip=self.target_clip,
                             target_m2=self.target_m2, signal_floor=self.signal_floor,
-                            gradnorm_window=self.gradnorm_window, gradnorm_sigma=self.gradnorm_sigma)
+                            gradnorm_window=self.gradnorm_window, gradnorm_sigma=self.gradnorm_sigma,
+                            fresh_drop=self.fresh_drop)
 
     @property
     def passes(self) -> int:

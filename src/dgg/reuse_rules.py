@@ -338,6 +338,7 @@ class RuleSettings:
     signal_floor: float = 1e-3
     gradnorm_window: int = 128
     gradnorm_sigma: float = 6.0
+    fresh_drop: str = "end_batch"  # not a rule's: what the controller does with a drop at k = 1
 
 
 RULES: dict[str, Any] = {

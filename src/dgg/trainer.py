@@ -31,7 +31,6 @@ from dgg.probe import LMHeadGradProbe, global_grad_norm
 from dgg.profiler import WeightChangeProfiler
 from dgg.reuse.controller import ReuseController, StepVerdict, finite_or_none
 from dgg.reuse.statistics import ratio_statistics
-from dgg.reuse_rules import AttemptSignals
 from dgg.rewards import task_for_run
 from dgg.rollout import (
     RolloutBatch,
@@ -235,8 +234,9 @@ class GRPOTrainer(Checkpointing):
 
     # Algorithm 1, lines 3–12: for k = 1..K, update unless the gate says stop
     def reuse(self, batch: RolloutBatch, start: tuple[int, int] = (1, 0)) -> int:
-        """Returns how many passes over the batch were applied in full. ``start`` (pass, mini-batch) resumes a
-        batch that a stop signal interrupted; a stop signal ends it between two attempts."""
+        """Returns how many passes over the batch ran to their end (a pass with a step skipped under
+        ``reuse.fresh_drop=skip_step`` counts). ``start`` (pass, mini-batch) resumes a batch that a stop signal
+        interrupted; a stop signal ends it between two attempts."""
         cfg = self.config.reuse
         for reuse_index in range(start[0], cfg.passes + 1):
             for position, (rows, mini_batch) in enumerate(self._mini_batches(batch, reuse_index)):
@@ -264,8 +264,7 @@ class GRPOTrainer(Checkpointing):
         loss = self._backward(batch, observers)  # line 4, its statistics handed to the controller
 
         if not math.isfinite(loss):
-            self.controller.discard_micro_batches()
-            return self._skip(StepVerdict(False, "non_finite_loss", AttemptSignals(reuse_index)), {}, loss, started)
+            return self._skip(self.controller.abandon(reuse_index, "non_finite_loss"), {}, loss, started)
         gate_started = time.perf_counter()
         energy = float(self.probe.energy())  # line 5: g_t, read before any clipping
         grad_norm = global_grad_norm(self.optimizer)
@@ -353,13 +352,14 @@ class GRPOTrainer(Checkpointing):
         return out
 
     def _skip(self, verdict: StepVerdict, diagnostics: dict, loss: float, started: float) -> bool:
-        """Drop this update's gradient before the optimizer: AdamW's moments and step count stay untouched."""
+        """Drop this update's gradient before the optimizer: AdamW's moments and step count stay untouched.
+        Returns whether the batch goes on (a fresh step skipped under ``reuse.fresh_drop=skip_step``)."""
         self.optimizer.zero_grad(set_to_none=True)
         self.probe.reset()
         if verdict.reason in ("non_finite_loss", "non_finite_grad"):
             self.state.nonfinite_skips += 1
         self._log_update(verdict, diagnostics, loss, started)
-        return False
+        return not verdict.stop
 
     def _params(self):
         return [p for group in self.optimizer.param_groups for p in group["params"]]

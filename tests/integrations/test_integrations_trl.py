@@ -99,6 +99,7 @@ def test_next_generation_boundary_rounds_up_to_the_batch_life():
         ("dgg_window", 2.5),
         ("dgg_history", "recent"),
         ("dgg_tied", ""),
+        ("dgg_fresh_drop", "skip"),
     ],
 )
 def test_config_rejects_bad_dgg_fields_by_name(tmp_path, field, value):
@@ -319,6 +320,32 @@ def test_discard_under_gradient_accumulation_ends_the_batch_at_an_optimizer_step
     assert [entry["gate/discard"] for entry in logs] == [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]
     assert generation_steps == [0, 3, 5]  # stock TRL: 0, 3, 6
     assert trainer._step == 14  # 10 micro-steps after step 5, moved to the boundary 12, + 2 for step 6
+
+
+@pytest.mark.parametrize("fresh_drop, reuse_indices, generation_steps", [
+    ("end_batch", [1.0, 1.0, 1.0, 2.0], [0, 1]),  # the drop on the first step regenerates at once
+    ("skip_step", [1.0, 1.0, 2.0, 2.0], [0]),  # it skips that step alone; the batch's second fresh step trains
+])
+def test_a_drop_on_a_fresh_step_regenerates_or_skips_that_step_alone(tiny_model_dir, tmp_path, fresh_drop,
+                                                                     reuse_indices, generation_steps):
+    # Two optimizer steps per pass over a generation batch (steps_per_generation = 2), K = 2; the first step's
+    # lm_head energy is non-finite, so it is dropped at k = 1.
+    trainer = make_trainer(
+        DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, per_device_train_batch_size=2,
+        steps_per_generation=2, num_iterations=2, max_steps=4, dgg_fresh_drop=fresh_drop,
+    )
+    energies = iter([math.nan, 1.0, 2.0, 3.0])
+    trainer._lm_head_grad_energy = lambda: next(energies)
+    generations = []
+    original_generate = trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda batch: (
+        generations.append(trainer.state.global_step), original_generate(batch))[1]
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "reuse_index" in entry]
+    assert [entry["reuse_index"] for entry in logs] == reuse_indices
+    assert [entry["actor/applied"] for entry in logs] == [0.0, 1.0, 1.0, 1.0]
+    assert logs[0]["reuse/step_skipped"] == float(fresh_drop == "skip_step")
+    assert generations == generation_steps
 
 
 def test_gate_state_is_saved_with_checkpoints_and_restored(tiny_model_dir, tmp_path):

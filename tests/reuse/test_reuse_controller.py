@@ -51,6 +51,25 @@ def test_a_non_finite_gradient_reaches_no_rule_and_is_not_a_stop():
     assert controller.stops_by_reason == {}
 
 
+@pytest.mark.parametrize("fresh_drop", ["end_batch", "skip_step"])
+def test_a_drop_at_k1_skips_the_step_alone_only_under_skip_step_and_a_reuse_drop_always_stops(fresh_drop):
+    controller = ReuseController("nosignal", RuleSettings(fresh_drop=fresh_drop))
+    skips = fresh_drop == "skip_step"
+    for reuse_index, ends in ((1, not skips), (2, True)):  # a batch without advantage, fresh then reused
+        controller.add_micro_batch({"kl": 0.0}, 4, has_signal=False)
+        verdict = controller.decide(reuse_index, 1.0, 1.0)
+        assert not verdict.apply and verdict.reason == "nosignal:no_advantage"
+        assert verdict.stop is ends and verdict.skip_only is (not ends)
+        assert verdict.metrics()["reuse/stop"] is ends and verdict.metrics()["reuse/step_skipped"] is (not ends)
+    assert controller.stops_by_reason == {"nosignal:no_advantage": 2}  # every drop is counted by its reason
+    # A non-finite gradient, or a loss abandoned before the decision, follows the same rule at k = 1.
+    assert controller.decide(1, math.nan, 1.0).stop is not skips
+    assert controller.abandon(1, "non_finite_loss").stop is not skips
+    assert controller.abandon(2, "non_finite_loss").stop
+    with pytest.raises(ValueError, match="fresh_drop must be one of end_batch, skip_step"):
+        ReuseController("gradnorm", RuleSettings(fresh_drop="skip"))
+
+
 def test_the_scripted_sequence_gives_the_expected_verdicts_and_vocabulary():
     metrics = reference_metrics((3.0, 5.0))
     reasons = [None if m["actor/applied"] else r for m, r in zip(metrics, EXPECTED_REASONS)]

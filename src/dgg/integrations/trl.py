@@ -40,7 +40,7 @@ from transformers import TrainerCallback
 
 from dgg.gate import GradientGate, check_gate_settings
 from dgg.preemption import STOP, RunStopped, StopFlag, stop_signals
-from dgg.reuse.controller import STATE_FILE, ReuseController, StepVerdict, torch_distributed
+from dgg.reuse.controller import STATE_FILE, ReuseController, StepVerdict, check_fresh_drop, torch_distributed
 from dgg.reuse.statistics import ratio_statistics
 from dgg.reuse_rules import KL_STOP_SIGNALS, AttemptSignals, RuleSettings, make_rule, parse_rule_names
 
@@ -140,6 +140,13 @@ class DGGGRPOConfig(GRPOConfig):
     """gradnorm rule: previous global gradient norms forming its mean and std (OLMo-core's default 128)."""
     dgg_gradnorm_sigma: float = field(default=6.0, metadata={"help": "gradnorm rule: skip beyond this many std."})
     """gradnorm rule: drop a step more than this many standard deviations from the mean (OLMo-core: 6)."""
+    dgg_fresh_drop: str = field(
+        default="end_batch",
+        metadata={"help": "A drop on fresh data (first pass): 'end_batch' regenerates; 'skip_step' skips it alone."},
+    )
+    """What a drop on fresh data (k = 1, the first pass over a generation batch) does: ``end_batch`` (default)
+    goes to the next generation, leaving the batch's remaining fresh steps unused; ``skip_step`` drops that
+    optimizer step alone and goes on with the batch. A drop during reuse (k > 1) always ends the batch."""
 
     dgg_watch_only: bool = field(
         default=False,
@@ -153,7 +160,7 @@ class DGGGRPOConfig(GRPOConfig):
                             target_kl=self.dgg_target_kl, kl_estimator=self.dgg_kl_estimator,
                             target_clip=self.dgg_target_clip, target_m2=self.dgg_target_m2,
                             signal_floor=self.dgg_signal_floor, gradnorm_window=self.dgg_gradnorm_window,
-                            gradnorm_sigma=self.dgg_gradnorm_sigma)
+                            gradnorm_sigma=self.dgg_gradnorm_sigma, fresh_drop=self.dgg_fresh_drop)
 
     def __post_init__(self):
         super().__post_init__()  # derives steps_per_generation, which the check below needs
@@ -164,6 +171,10 @@ class DGGGRPOConfig(GRPOConfig):
         parse_rule_names(self.dgg_rule)  # raises, listing the valid names
         if self.dgg_kl_estimator not in KL_STOP_SIGNALS:
             raise ValueError(f"dgg_kl_estimator must be one of {tuple(KL_STOP_SIGNALS)} (got {self.dgg_kl_estimator!r})")
+        try:
+            check_fresh_drop(self.dgg_fresh_drop)
+        except ValueError as err:
+            raise ValueError(f"dgg_{err}") from None
         self.rule_settings()  # validates the thresholds through the rules' own checks
         make_rule(self.dgg_rule, self.rule_settings())
         if self.dgg_enabled and self.steps_per_generation % self.gradient_accumulation_steps != 0:
@@ -295,6 +306,7 @@ class DGGGRPOTrainer(GRPOTrainer):
             scaler = getattr(self.accelerator, "scaler", None)
             if scaler is not None and scaler.is_enabled():
                 skip_scaled_optimizer_step(self.optimizer, scaler)
+        if verdict.stop:
             # Reuse termination: TRL regenerates when _step reaches a multiple of steps_per_generation * K.
             self._step = next_generation_boundary(self._step, self.args.steps_per_generation, self.num_iterations)
         self.dgg_last_verdict = verdict

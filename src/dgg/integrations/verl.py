@@ -177,7 +177,7 @@ class DGGTrainingWorker(TrainingWorker):
         if verdict.apply:
             return self._verl_optimizer_step()
         self.engine.optimizer.zero_grad(set_to_none=True)
-        self._stopped = True
+        self._stopped = verdict.stop  # else a fresh step skipped alone (DGG_FRESH_DROP=skip_step)
         return verdict.signals.grad_norm
 
     def _grad_norm(self) -> float:

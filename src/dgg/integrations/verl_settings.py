@@ -7,6 +7,7 @@ import os
 from dataclasses import fields
 
 from dgg.errors import UserError
+from dgg.reuse.controller import check_fresh_drop
 from dgg.reuse_rules import RuleSettings, parse_rule_names
 
 ENV_PREFIX = "DGG_"
@@ -47,6 +48,10 @@ def settings_from_environment(environ=os.environ) -> tuple[str, RuleSettings, st
         except ValueError:
             raise UserError(f"{name}={environ[name]!r} is not a valid {kind.__name__}") from None
     settings = RuleSettings(**values)
+    try:
+        check_fresh_drop(settings.fresh_drop)
+    except ValueError as error:
+        raise UserError(f"{ENV_PREFIX}FRESH_DROP: {error}") from None
     if "kl" in parse_rule_names(spec) and settings.kl_estimator != "k1":
         raise UserError(f"{ENV_PREFIX}RULE=kl under verl needs {ENV_PREFIX}KL_ESTIMATOR=k1: verl logs Spinning Up's "
                         "k1 estimate (actor/ppo_kl), not SB3's k3")

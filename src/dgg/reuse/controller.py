@@ -27,7 +27,8 @@ from dgg.reuse_rules import AttemptSignals, DGGRule, RuleSettings, make_rule
 Agree = Callable[[list[float], str], list[float]]
 COUNTS = ("silenced_tokens", "masked_tokens")  # statistics that add up over micro-batches
 MAXIMA = ("ratio_max",)  # statistics whose largest micro-batch value is the attempt's
-STATE_FILE = "dgg_reuse_state.json"  # what TRL and verl checkpoints hold beside their own state
+STATE_FILE = "dgg_reuse_state.json"
+FRESH_DROPS = ("end_batch", "skip_step")  # what a drop at k = 1 does: end the batch, or skip the step alone  # what TRL and verl checkpoints hold beside their own state
 
 
 def one_process(values: list[float], op: str) -> list[float]:
@@ -53,7 +54,8 @@ def torch_distributed(group=None, device=None) -> Agree:
 @dataclass(frozen=True)
 class StepVerdict:
     """What to do with one update attempt. ``apply``: the step reaches the optimizer; otherwise its gradient is
-    dropped before it and reuse of the batch ends (``stop``). ``reason``: why it was dropped (``dgg:zscore``,
+    dropped before it and reuse of the batch ends (``stop``), unless ``skip_only``: a drop on fresh data (k = 1)
+    under ``fresh_drop="skip_step"``, after which the batch goes on. ``reason``: why it was dropped (``dgg:zscore``,
     ``kl``, ``non_finite_grad``, ...). ``would_stop``/``would_reason``: the rule's own answer, which watch mode
     logs without acting on it. ``statistics``: the token-weighted micro-batch statistics (``kl``,
     ``clip_ratio``, ...). ``values``: what the rules computed (``dgg/z``, ``kl/estimate``, ...)."""
@@ -66,10 +68,12 @@ class StepVerdict:
     would_stop: bool = False
     would_reason: str | None = None
     watch_only: bool = False
+    skip_only: bool = False
 
     @property
     def stop(self) -> bool:
-        return not self.apply
+        """Reuse of the batch ends with this attempt: it was dropped, and not as a step skip alone."""
+        return not self.apply and not self.skip_only
 
     def metrics(self) -> dict:
         """The attempt under dgg's one vocabulary, the same from the trainer, TRL and verl (docs/metrics.md)."""
@@ -87,8 +91,9 @@ class StepVerdict:
             "gate/ready": bool(values.get("dgg/ready", False)),
             "gate/discard": self.reason == "dgg:zscore",  # the paper's gate dropped this step
             "gate/reason": "zscore" if self.reason == "dgg:zscore" else self.reason,
-            "reuse/stop": self.reason is not None and not self.reason.startswith("non_finite"),
+            "reuse/stop": self.stop and self.reason is not None and not self.reason.startswith("non_finite"),
             "reuse/stop_reason": self.reason,
+            "reuse/step_skipped": self.skip_only,
             **{key: value for key, value in values.items() if not key.startswith("dgg/")},
         }
         if self.watch_only:
@@ -108,11 +113,17 @@ class ReuseController:
     rule: a rule spec such as ``"dgg"``, ``"kl"`` or ``"dgg+nosignal"`` (``dgg.reuse_rules``). Without a ``dgg``
     rule the paper's gate still watches at τ = ∞ (applied steps only), so z is logged in every mode (Fig. 3).
     watch_only: apply every step and log what the rule would have done. agree: see :func:`torch_distributed`.
+    ``settings.fresh_drop`` says what a drop on fresh data (k = 1, every mini-batch of a batch's first pass)
+    does: ``end_batch`` ends the batch there, as Algorithm 1 reads, so its remaining fresh mini-batches go
+    unused; ``skip_step`` drops that step alone and the batch goes on, as a pre-training step skip does. A drop
+    during reuse (k > 1) always ends the batch.
     """
 
     def __init__(self, rule: str = "dgg", settings: RuleSettings | None = None, *, watch_only: bool = False,
                  agree: Agree = one_process):
         settings = settings or RuleSettings()
+        check_fresh_drop(settings.fresh_drop)
+        self.skip_fresh_drops = settings.fresh_drop == "skip_step"
         self.rule = make_rule(rule, settings)
         self.gate_rule = self.rule.find("dgg") or DGGRule(math.inf, settings.window, settings.history)
         self.gate = self.gate_rule.gate
@@ -126,8 +137,18 @@ class ReuseController:
         self._micro_batches.append(({k: float(v) for k, v in statistics.items()}, float(tokens), bool(has_signal)))
 
     def discard_micro_batches(self) -> None:
-        """Forget what was gathered (an attempt abandoned before its decision, e.g. a non-finite loss)."""
+        """Forget what was gathered so far."""
         self._micro_batches = []
+
+    def abandon(self, reuse_index: int, reason: str) -> StepVerdict:
+        """The verdict on an attempt given up before its decision (a non-finite loss): what was gathered is
+        forgotten, no rule sees it, and it is dropped (ending the batch unless fresh drops only skip)."""
+        self.discard_micro_batches()
+        return StepVerdict(False, reason, AttemptSignals(reuse_index), watch_only=self.watch_only,
+                           skip_only=self._skips(reuse_index))
+
+    def _skips(self, reuse_index: int) -> bool:
+        return self.skip_fresh_drops and reuse_index == 1
 
     def _gather(self) -> tuple[dict[str, float], float, bool]:
         """Token-weighted statistics of the attempt over micro-batches and ranks, its active tokens, has-signal."""
@@ -168,7 +189,8 @@ class ReuseController:
             active_tokens=int(tokens), has_signal=has_signal)
         if not (math.isfinite(lm_head_energy) and (grad_norm is None or math.isfinite(grad_norm))):
             # A non-finite gradient never reaches a rule or the optimizer, in any mode.
-            return StepVerdict(False, "non_finite_grad", signals, statistics, watch_only=self.watch_only)
+            return StepVerdict(False, "non_finite_grad", signals, statistics, watch_only=self.watch_only,
+                               skip_only=self._skips(reuse_index))
         verdict = self.rule.decide(signals)  # line 6
         values = verdict.values
         if self.gate_rule not in self.rule.rules:  # the watching gate: z in every mode
@@ -181,7 +203,8 @@ class ReuseController:
             self.gate_rule.record(signals, applied)
         if self.watch_only:
             return StepVerdict(True, None, signals, statistics, values, not verdict.apply, verdict.reason, True)
-        return StepVerdict(verdict.apply, verdict.reason, signals, statistics, values)
+        return StepVerdict(verdict.apply, verdict.reason, signals, statistics, values,
+                           skip_only=not verdict.apply and self._skips(reuse_index))
 
     # -- one state file ------------------------------------------------------------------------------------
     @property
@@ -196,6 +219,12 @@ class ReuseController:
         self.rule.load_state_dict(state["reuse_rule"])
         if "watch" in state:
             self.gate_rule.load_state_dict(state["watch"])
+
+
+def check_fresh_drop(value: str) -> None:
+    """``fresh_drop`` is ``end_batch`` or ``skip_step`` (ValueError naming the allowed values otherwise)."""
+    if value not in FRESH_DROPS:
+        raise ValueError(f"fresh_drop must be one of {', '.join(FRESH_DROPS)} (got {value!r})")
 
 
 def finite_or_none(value: float | None) -> float | None:
