@@ -27,8 +27,8 @@ from dgg.reuse_rules import AttemptSignals, DGGRule, RuleSettings, make_rule
 Agree = Callable[[list[float], str], list[float]]
 COUNTS = ("silenced_tokens", "masked_tokens")  # statistics that add up over micro-batches
 MAXIMA = ("ratio_max",)  # statistics whose largest micro-batch value is the attempt's
-STATE_FILE = "dgg_reuse_state.json"
-FRESH_DROPS = ("end_batch", "skip_step")  # what a drop at k = 1 does: end the batch, or skip the step alone  # what TRL and verl checkpoints hold beside their own state
+STATE_FILE = "dgg_reuse_state.json"  # what TRL and verl checkpoints hold beside their own state
+FRESH_DROPS = ("end_batch", "skip_step")  # what a drop at k = 1 does: end the batch, or skip the step alone
 
 
 def one_process(values: list[float], op: str) -> list[float]:
