@@ -303,6 +303,14 @@ def test_a_spike_on_a_reuse_step_is_discarded_and_the_next_step_regenerates(tiny
     assert generations[2][1] == generations[1][1]
 
 
+def record_generation_steps(trainer) -> list[int]:
+    """The global step at each generation of ``trainer``, filled in as it trains."""
+    steps, original_generate = [], trainer._generate_and_score_completions
+    trainer._generate_and_score_completions = lambda batch: (
+        steps.append(trainer.state.global_step), original_generate(batch))[1]
+    return steps
+
+
 def test_discard_under_gradient_accumulation_ends_the_batch_at_an_optimizer_step(tiny_model_dir, tmp_path):
     # 2 micro-batches of 2 completions per optimizer step (steps_per_generation = 2), K = 3, window 2 and a very
     # negative tau: the first reuse step after the window fills (step 5, k = 2) is discarded.
@@ -310,10 +318,7 @@ def test_discard_under_gradient_accumulation_ends_the_batch_at_an_optimizer_step
         DGGGRPOTrainer, DGGGRPOConfig, tiny_model_dir, tmp_path, per_device_train_batch_size=2,
         gradient_accumulation_steps=2, num_iterations=3, max_steps=6, dgg_window=2, dgg_tau=-1e9,
     )
-    generation_steps = []
-    original_generate = trainer._generate_and_score_completions
-    trainer._generate_and_score_completions = lambda batch: (
-        generation_steps.append(trainer.state.global_step), original_generate(batch))[1]
+    generation_steps = record_generation_steps(trainer)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "gate/discard" in entry]
     assert [entry["reuse_index"] for entry in logs] == [1.0, 2.0, 3.0, 1.0, 2.0, 1.0]
@@ -336,10 +341,7 @@ def test_a_drop_on_a_fresh_step_regenerates_or_skips_that_step_alone(tiny_model_
     )
     energies = iter([math.nan, 1.0, 2.0, 3.0])
     trainer._lm_head_grad_energy = lambda: next(energies)
-    generations = []
-    original_generate = trainer._generate_and_score_completions
-    trainer._generate_and_score_completions = lambda batch: (
-        generations.append(trainer.state.global_step), original_generate(batch))[1]
+    generations = record_generation_steps(trainer)
     trainer.train()
     logs = [entry for entry in trainer.state.log_history if "reuse_index" in entry]
     assert [entry["reuse_index"] for entry in logs] == reuse_indices
